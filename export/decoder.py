@@ -1,0 +1,134 @@
+"""Qwen2 decoder-with-past graph, built straight from streamed weights.
+
+Inputs:  inputs_embeds [1, S, D] f32, past_key_values.{i}.key/value [1, Hkv, M, Dh] f32 (M = the
+         preallocated cache length; past and present are bound to the same buffer),
+         seqlens_k [1] i32 (= total length - 1), total_sequence_length [] i32.
+Outputs: logits [1, 1, V] f32 (last position only: prefill never pays for S x V logits),
+         present.{i}.key/value (the same buffers, written in place by GroupQueryAttention).
+
+One layer (x = residual stream):
+
+    n ─ MatMulNBits(qkv, +bias) ─ GroupQueryAttention(rotary, shared KV buffer) ─ MatMulNBits(o)
+                                                                                     │
+    x ─────────────────────────────────────────────── SkipSimplifiedLayerNorm ◄───────┘ ─► x, n2
+    n2 ─ MatMulNBits(gate|up) ─ silu(gate)·up ─ MatMulNBits(down) ─ SkipSimplifiedLayerNorm(next) ─► x, n
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto
+
+from .graph import MS_DOMAIN, GraphBuilder
+from .hf_config import DecoderConfig
+from .options import ExportOptions
+from .ops import ErrorSink, linear, rms_norm, skip_rms_norm, silu_mul
+
+ReadWeight = Callable[[str], np.ndarray]  # name -> float32 array (upstream key names)
+P = "llm.model.layers.{i}."
+
+
+@dataclass(frozen=True)
+class DecoderIO:
+    inputs_embeds: str = "inputs_embeds"
+    seqlens_k: str = "seqlens_k"
+    total_sequence_length: str = "total_sequence_length"
+    logits: str = "logits"
+    past_key: str = "past_key_values.{i}.key"
+    past_value: str = "past_key_values.{i}.value"
+    present_key: str = "present.{i}.key"
+    present_value: str = "present.{i}.value"
+
+
+IO = DecoderIO()
+
+
+def rotary_cache(cfg: DecoderConfig, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables [max_positions, head_dim/2] for rotate-half RoPE (HF default inv_freq)."""
+    dh = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.int64).astype(np.float32) / dh))
+    t = np.arange(max_positions, dtype=np.float32)
+    freqs = np.outer(t, inv_freq.astype(np.float32))
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def _attention(g, i, n, cfg, read, opts, on_error, cos, sin) -> str:
+    p = P.format(i=i) + "self_attn."
+    w = np.concatenate([read(p + "q_proj.weight"), read(p + "k_proj.weight"), read(p + "v_proj.weight")])
+    b = np.concatenate([read(p + "q_proj.bias"), read(p + "k_proj.bias"), read(p + "v_proj.bias")])
+    name = f"/model/layers.{i}/attn"
+    qkv = linear(g, f"{name}/qkv_proj", n, w, b, precision=opts.precision, block_size=opts.block_size,
+                 accuracy_level=opts.accuracy_level, on_error=on_error)
+    del w
+    attn = g.node(
+        "GroupQueryAttention",
+        [qkv, "", "", IO.past_key.format(i=i), IO.past_value.format(i=i), IO.seqlens_k,
+         IO.total_sequence_length, cos, sin],
+        f"{name}/GroupQueryAttention", domain=MS_DOMAIN,
+        outputs=[f"{name}/GroupQueryAttention/output_0", IO.present_key.format(i=i), IO.present_value.format(i=i)],
+        num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
+        do_rotary=1, rotary_interleaved=0, scale=float(cfg.head_dim ** -0.5),
+    )[0]
+    return linear(g, f"{name}/o_proj", attn, read(p + "o_proj.weight"), None, precision=opts.precision,
+                  block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error)
+
+
+def _mlp(g, i, n, read, opts, on_error) -> str:
+    p = P.format(i=i) + "mlp."
+    name = f"/model/layers.{i}/mlp"
+    w = np.concatenate([read(p + "gate_proj.weight"), read(p + "up_proj.weight")])
+    gu = linear(g, f"{name}/gate_up_proj", n, w, None, precision=opts.precision,
+                block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error)
+    del w
+    h = silu_mul(g, f"{name}/act", gu)
+    return linear(g, f"{name}/down_proj", h, read(p + "down_proj.weight"), None, precision=opts.precision,
+                  block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error)
+
+
+def _declare_io(g: GraphBuilder, cfg: DecoderConfig) -> None:
+    f32, kv = TensorProto.FLOAT, [1, cfg.num_key_value_heads, "max_cache_len", cfg.head_dim]
+    g.input(IO.inputs_embeds, f32, [1, "sequence_length", cfg.hidden_size])
+    for i in range(cfg.num_hidden_layers):
+        g.input(IO.past_key.format(i=i), f32, kv)
+        g.input(IO.past_value.format(i=i), f32, kv)
+    g.input(IO.seqlens_k, TensorProto.INT32, [1])
+    g.input(IO.total_sequence_length, TensorProto.INT32, [])
+    g.output(IO.logits, f32, [1, 1, cfg.vocab_size])
+    for i in range(cfg.num_hidden_layers):
+        g.output(IO.present_key.format(i=i), f32, kv)
+        g.output(IO.present_value.format(i=i), f32, kv)
+
+
+def build_decoder_graph(g: GraphBuilder, cfg: DecoderConfig, read: ReadWeight, opts: ExportOptions,
+                        max_positions: int, on_error: ErrorSink | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> None:
+    """Add the whole decoder to `g`, reading and quantizing one weight at a time."""
+    _declare_io(g, cfg)
+    cos_np, sin_np = rotary_cache(cfg, max_positions)
+    cos = g.initializer("/model/rotary/cos_cache", cos_np)
+    sin = g.initializer("/model/rotary/sin_cache", sin_np)
+    eps = cfg.rms_norm_eps
+    x = IO.inputs_embeds
+    n = rms_norm(g, "/model/layers.0/input_layernorm", x, read(P.format(i=0) + "input_layernorm.weight"), eps)
+    last = cfg.num_hidden_layers - 1
+    for i in range(cfg.num_hidden_layers):
+        attn = _attention(g, i, n, cfg, read, opts, on_error, cos, sin)
+        n2, x = skip_rms_norm(g, f"/model/layers.{i}/post_attention_layernorm", attn, x,
+                              read(P.format(i=i) + "post_attention_layernorm.weight"), eps)
+        mlp = _mlp(g, i, n2, read, opts, on_error)
+        if i < last:
+            n, x = skip_rms_norm(g, f"/model/layers.{i + 1}/input_layernorm", mlp, x,
+                                 read(P.format(i=i + 1) + "input_layernorm.weight"), eps)
+        else:
+            n, x = skip_rms_norm(g, "/model/norm", mlp, x, read("llm.model.norm.weight"), eps)
+        if progress:
+            progress(i + 1, cfg.num_hidden_layers)
+    # Only the last position's logits are needed: slice before the (vocab-sized) head.
+    last_pos = g.op("Slice", [n, g.const([-1]), g.const([2**62]), g.const([1])], "/model/last_position/Slice")
+    head_name = "llm.model.embed_tokens.weight" if cfg.tie_word_embeddings else "llm.lm_head.weight"
+    logits = linear(g, "/lm_head", last_pos, read(head_name), None, precision=opts.head_precision,
+                    block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error)
+    g.op("Identity", [logits], "/model/logits/Identity", outputs=[IO.logits])

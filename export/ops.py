@@ -1,0 +1,105 @@
+"""One function per op pattern. Each takes explicit arguments and returns its output name(s).
+
+Weights arrive as float32 numpy arrays in nn.Linear layout [out, in]; `linear` decides how they are
+stored (fp32/fp16 MatMul, or MatMulNBits int4/int8) and records the quantization error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .graph import MS_DOMAIN, GraphBuilder
+from .quant import quantize_weight, relative_error
+
+# Called with (weight name, relative reconstruction error) for every quantized weight.
+ErrorSink = Callable[[str, float], None]
+
+
+def linear(g: GraphBuilder, name: str, x: str, weight: np.ndarray, bias: np.ndarray | None, *,
+           precision: str, block_size: int = 32, accuracy_level: int = 4,
+           on_error: ErrorSink | None = None) -> str:
+    """y = x @ W.T + b with W [N, K].
+
+    fp32/fp16 -> MatMul (+Add); int4/int8 -> MatMulNBits with the bias folded into its bias input.
+    """
+    n, k = weight.shape
+    if precision in ("fp32", "fp16"):
+        dtype = np.float32 if precision == "fp32" else np.float16
+        w = g.initializer(f"{name}/weight", np.ascontiguousarray(weight.T).astype(dtype))
+        y = g.op("MatMul", [x, w], f"{name}/MatMul")
+        if bias is not None:
+            y = g.op("Add", [y, g.initializer(f"{name}/bias", bias.astype(dtype))], f"{name}/Add")
+        return y
+    bits = {"int4": 4, "int8": 8}[precision]
+    q = quantize_weight(weight, bits, block_size)
+    if on_error is not None:
+        on_error(name, relative_error(weight, q))
+    inputs = [x, g.initializer(f"{name}/qweight", q.packed), g.initializer(f"{name}/scales", q.scales),
+              g.initializer(f"{name}/zero_points", q.zero_points), "", ""]
+    if bias is not None:
+        inputs[5] = g.initializer(f"{name}/bias", bias.astype(np.float32))
+    else:
+        inputs = inputs[:4]
+    return g.op("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN,
+                K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
+
+
+def rms_norm(g: GraphBuilder, name: str, x: str, weight: np.ndarray, eps: float) -> str:
+    """Fused RMSNorm (ONNX Runtime's SimplifiedLayerNormalization)."""
+    w = g.initializer(f"{name}/weight", weight.astype(np.float32))
+    return g.op("SimplifiedLayerNormalization", [x, w], f"{name}/SimplifiedLayerNorm",
+                axis=-1, epsilon=eps, stash_type=1)
+
+
+def skip_rms_norm(g: GraphBuilder, name: str, x: str, skip: str, weight: np.ndarray,
+                  eps: float) -> tuple[str, str]:
+    """Residual add fused with RMSNorm: returns (norm(x + skip), x + skip)."""
+    w = g.initializer(f"{name}/weight", weight.astype(np.float32))
+    outs = g.node("SkipSimplifiedLayerNormalization", [x, skip, w], f"{name}/SkipSimplifiedLayerNorm",
+                  n_out=4, domain=MS_DOMAIN, epsilon=eps)
+    return outs[0], outs[3]
+
+
+def layer_norm(g: GraphBuilder, name: str, x: str, weight: np.ndarray, bias: np.ndarray,
+               eps: float, dtype=np.float32) -> str:
+    w = g.initializer(f"{name}/weight", weight.astype(dtype))
+    b = g.initializer(f"{name}/bias", bias.astype(dtype))
+    return g.op("LayerNormalization", [x, w, b], f"{name}/LayerNorm", axis=-1, epsilon=eps)
+
+
+def silu_mul(g: GraphBuilder, name: str, gate_up: str) -> str:
+    """SwiGLU on a fused [.., 2I] gate|up projection: silu(gate) * up."""
+    gate, up = g.node("Split", [gate_up], f"{name}/Split", n_out=2, axis=-1, num_outputs=2)
+    sig = g.op("Sigmoid", [gate], f"{name}/Sigmoid")
+    silu = g.op("Mul", [gate, sig], f"{name}/SiLU")
+    return g.op("Mul", [silu, up], f"{name}/Mul")
+
+
+def split_heads(g: GraphBuilder, name: str, x: str, heads: int, head_dim: int) -> str:
+    """[B, L, H*Dh] -> [B, H, L, Dh]"""
+    r = g.op("Reshape", [x, g.const([0, 0, heads, head_dim])], f"{name}/Reshape")
+    return g.op("Transpose", [r], f"{name}/Transpose", perm=[0, 2, 1, 3])
+
+
+def merge_heads(g: GraphBuilder, name: str, x: str, hidden: int) -> str:
+    """[B, H, L, Dh] -> [B, L, H*Dh]"""
+    t = g.op("Transpose", [x], f"{name}/Transpose", perm=[0, 2, 1, 3])
+    return g.op("Reshape", [t, g.const([0, 0, hidden])], f"{name}/Reshape")
+
+
+def sdpa(g: GraphBuilder, name: str, q: str, k: str, v: str, bias: str | None, scale: float) -> str:
+    """Plain attention on [B, H, Lq, Dh] x [B, H, Lk, Dh] with an additive bias [B|1, 1|H, Lq|1, Lk].
+
+        q ─┐
+           MatMul(q, kᵀ)·scale ─ (+bias) ─ Softmax ─ MatMul(·, v)
+        k ─┘                                          v ─┘
+    """
+    kt = g.op("Transpose", [k], f"{name}/k_T", perm=[0, 1, 3, 2])
+    scores = g.op("MatMul", [q, kt], f"{name}/QK")
+    scores = g.op("Mul", [scores, g.const(np.float32(scale), np.float32)], f"{name}/Scale")
+    if bias is not None:
+        scores = g.op("Add", [scores, bias], f"{name}/Bias")
+    probs = g.op("Softmax", [scores], f"{name}/Softmax", axis=-1)
+    return g.op("MatMul", [probs, v], f"{name}/PV")

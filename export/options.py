@@ -1,0 +1,38 @@
+"""The exporter's knobs: the only settings `export_bundle` takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRECISIONS = ("int4", "int8", "fp32")
+VISION_PRECISIONS = ("fp32", "fp16", "int8")
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "int4"  # decoder linear layers
+    # The head gets int8 under int4 by default, as llama.cpp keeps output.weight at Q6_K: the logits
+    # feel quantization error first. None: same as `precision`.
+    lm_head_precision: str | None = "int8"
+    vision_precision: str = "fp32"  # vision encoder + resampler (+ audio encoder)
+    block_size: int = 32
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 0 = fp32
+    audio: bool = True  # export the audio encoder when the checkpoint has one
+    verify: bool = True  # run the parity check of each graph against the torch reference
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.lm_head_precision is not None and self.lm_head_precision not in PRECISIONS:
+            raise ValueError(f"lm_head precision must be one of {PRECISIONS}, got {self.lm_head_precision!r}")
+        if self.vision_precision not in VISION_PRECISIONS:
+            raise ValueError(f"vision precision must be one of {VISION_PRECISIONS}, got {self.vision_precision!r}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block size must be one of {BLOCK_SIZES}, got {self.block_size}")
+        if not 0 <= self.accuracy_level <= 4:
+            raise ValueError(f"accuracy level must be 0..4, got {self.accuracy_level}")
+
+    @property
+    def head_precision(self) -> str:
+        return self.lm_head_precision or self.precision

@@ -1,0 +1,71 @@
+"""Block-wise weight quantization into the layout of ONNX Runtime's `MatMulNBits`.
+
+The packing itself is ONNX Runtime's own C++ routine (`quantize_matmul_4bits` / `_8bits`, the one its
+MatMulNBitsQuantizer calls): we only feed it one weight at a time, so an 8B model never has to exist
+as an fp32 ONNX graph. Dequantization is written out in numpy for tests and error reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnxruntime.capi import _pybind_state as ort_c
+
+
+@dataclass
+class QuantizedWeight:
+    """MatMulNBits inputs for a weight W of shape [N, K] (nn.Linear layout, y = x @ W.T)."""
+
+    packed: np.ndarray  # uint8 [N, n_blocks, block_size * bits / 8]
+    scales: np.ndarray  # float32 [N * n_blocks]
+    zero_points: np.ndarray  # uint8, packed along blocks: [N * ceil(n_blocks * bits / 8)]
+    bits: int
+    block_size: int
+    n: int
+    k: int
+
+
+def quantize_weight(weight: np.ndarray, bits: int, block_size: int) -> QuantizedWeight:
+    """Asymmetric round-to-nearest block quantization of W[N, K] along K (ORT's default algorithm)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    n, k = weight.shape
+    n_blocks = (k + block_size - 1) // block_size
+    blob = block_size * bits // 8
+    # ORT's routine takes the MatMul B matrix [K, N] (x @ B), i.e. W transposed, in fp32.
+    b = np.ascontiguousarray(weight.T, dtype=np.float32)
+    packed = np.zeros((n, n_blocks, blob), dtype=np.uint8)
+    scales = np.zeros((n * n_blocks,), dtype=np.float32)
+    zp_cols = (n_blocks * bits + 7) // 8
+    zero_points = np.zeros((n * zp_cols,), dtype=np.uint8)
+    fn = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
+    fn(packed, b, scales, zero_points, block_size, n, k, False)  # False: asymmetric (zero points)
+    return QuantizedWeight(packed, scales, zero_points, bits, block_size, n, k)
+
+
+def dequantize_weight(q: QuantizedWeight) -> np.ndarray:
+    """Inverse of quantize_weight: W_hat [N, K] float32 (for tests and error reports)."""
+    n_blocks = q.packed.shape[1]
+    if q.bits == 4:
+        lo = q.packed & 0x0F
+        hi = q.packed >> 4
+        codes = np.stack([lo, hi], axis=-1).reshape(q.n, n_blocks, q.block_size)
+        zp_bytes = q.zero_points.reshape(q.n, -1)
+        zps = np.stack([zp_bytes & 0x0F, zp_bytes >> 4], axis=-1).reshape(q.n, -1)[:, :n_blocks]
+    else:
+        codes = q.packed.reshape(q.n, n_blocks, q.block_size)
+        zps = q.zero_points.reshape(q.n, -1)[:, :n_blocks]
+    scales = q.scales.reshape(q.n, n_blocks)
+    w = (codes.astype(np.float32) - zps[..., None].astype(np.float32)) * scales[..., None]
+    return w.reshape(q.n, n_blocks * q.block_size)[:, : q.k]
+
+
+def relative_error(weight: np.ndarray, q: QuantizedWeight) -> float:
+    """||W - W_hat||_F / ||W||_F: the reconstruction error reported per tensor at export."""
+    w = np.asarray(weight, dtype=np.float32)
+    diff = w - dequantize_weight(q)
+    denom = float(np.linalg.norm(w))
+    return float(np.linalg.norm(diff)) / denom if denom else 0.0

@@ -1,0 +1,70 @@
+"""Plain data types shared by the pipeline, the CLI and the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# A chat message is a dict, as in the OpenAI API but with decoded media:
+#   {"role": "system" | "user" | "assistant",
+#    "content": str | list[part]}
+# where a part is one of
+#   {"type": "text", "text": str}
+#   {"type": "image", "image": PIL.Image.Image}
+#   {"type": "audio", "audio": np.ndarray}        # float32 mono 16 kHz samples
+#   {"type": "video", "frames": list[PIL.Image.Image]}
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV was reused (prefix cache)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    vision_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        n = self.prompt_tokens - self.cached_prompt_tokens
+        return n / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # the first completion token comes out of the prefill; the rest are decode steps
+        n = max(self.completion_tokens - 1, 0)
+        return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+        }
+
+
+@dataclass
+class GenerationChunk:
+    """One step of a streamed generation. `text` is the new, complete-UTF-8 text since the last chunk."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | None while running
+    usage: Usage | None = None  # set on the final chunk
