@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from onnx import TensorProto
 
 from .graph import MS_DOMAIN, GraphBuilder
 from .quant import quantize_weight, relative_error
@@ -22,15 +23,18 @@ def linear(g: GraphBuilder, name: str, x: str, weight: np.ndarray, bias: np.ndar
            on_error: ErrorSink | None = None) -> str:
     """y = x @ W.T + b with W [N, K].
 
-    fp32/fp16 -> MatMul (+Add); int4/int8 -> MatMulNBits with the bias folded into its bias input.
+    fp32 -> MatMul (+Add); fp16 -> fp16-stored weight cast to fp32 at load (half the file; CPU has no
+    fast fp16 GEMM); int4/int8 -> MatMulNBits with the bias folded into its bias input.
     """
     n, k = weight.shape
     if precision in ("fp32", "fp16"):
         dtype = np.float32 if precision == "fp32" else np.float16
         w = g.initializer(f"{name}/weight", np.ascontiguousarray(weight.T).astype(dtype))
+        if dtype == np.float16:
+            w = g.op("Cast", [w], f"{name}/weight/Cast", to=TensorProto.FLOAT)
         y = g.op("MatMul", [x, w], f"{name}/MatMul")
         if bias is not None:
-            y = g.op("Add", [y, g.initializer(f"{name}/bias", bias.astype(dtype))], f"{name}/Add")
+            y = g.op("Add", [y, g.initializer(f"{name}/bias", bias.astype(np.float32))], f"{name}/Add")
         return y
     bits = {"int4": 4, "int8": 8}[precision]
     q = quantize_weight(weight, bits, block_size)

@@ -12,9 +12,7 @@ BLOCK_SIZES = (16, 32, 64, 128)
 @dataclass(frozen=True)
 class ExportOptions:
     precision: str = "int4"  # decoder linear layers
-    # The head gets int8 under int4 by default, as llama.cpp keeps output.weight at Q6_K: the logits
-    # feel quantization error first. None: same as `precision`.
-    lm_head_precision: str | None = "int8"
+    lm_head_precision: str | None = None  # None: int8 under int4, else the same as `precision`
     vision_precision: str = "fp32"  # vision encoder + resampler (+ audio encoder)
     block_size: int = 32
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 0 = fp32
@@ -35,4 +33,8 @@ class ExportOptions:
 
     @property
     def head_precision(self) -> str:
-        return self.lm_head_precision or self.precision
+        # int8 under int4 by default, as llama.cpp keeps output.weight at Q6_K: the logits feel the
+        # quantization error of the head first, and it is 7% of the weights read per token.
+        if self.lm_head_precision:
+            return self.lm_head_precision
+        return "int8" if self.precision == "int4" else self.precision

@@ -1,0 +1,168 @@
+"""`minicpmo` command line: thin wrappers that parse, call export/ or runtime/, and print.
+
+Data goes to stdout, logs and errors to stderr; a bad input is one `error: ...` line and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from ..runtime.errors import MiniCPMOError
+
+
+def _fail_cleanly(fn):
+    """Turn the project's own errors (and ValueError from bad arguments) into one line on stderr."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (MiniCPMOError, ValueError, FileNotFoundError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
+def cli(verbose: bool) -> None:
+    """Export MiniCPM-o 2.6 to int4 ONNX and run it with ONNX Runtime."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--size", type=click.Choice(["tiny", "small", "full"]), default="tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-audio", is_flag=True, help="Leave out the audio encoder weights.")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Copy this tokenizer folder instead of making a small byte-level BPE.")
+@_fail_cleanly
+def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path | None) -> None:
+    """Write a synthetic checkpoint in the exact upstream format (random weights)."""
+    from ..export.synth import write_synthetic_checkpoint
+
+    path = write_synthetic_checkpoint(out, size=size, seed=seed, audio=not no_audio, tokenizer_dir=tokenizer_dir)
+    click.echo(str(path))
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle folder [models/NAME-PRECISION].")
+@click.option("--precision", type=click.Choice(["int4", "int8", "fp32"]), default="int4", show_default=True)
+@click.option("--lm-head-precision", type=click.Choice(["int4", "int8", "fp32"]),
+              help="Default: int8 under int4, else the same as --precision.")
+@click.option("--vision-precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True)
+@click.option("--no-audio", is_flag=True, help="Do not export the audio encoder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
+@_fail_cleanly
+def export(checkpoint: str, output: Path | None, precision: str, lm_head_precision: str | None,
+           vision_precision: str, block_size: str, accuracy_level: int, no_audio: bool, overwrite: bool) -> None:
+    """Export CHECKPOINT (a local snapshot folder or a hub id) into a bundle folder."""
+    from ..export.bundle import export_bundle
+    from ..export.options import ExportOptions
+    from .progress import ProgressPrinter
+
+    opts = ExportOptions(precision=precision, lm_head_precision=lm_head_precision,
+                         vision_precision=vision_precision, block_size=int(block_size),
+                         accuracy_level=accuracy_level, audio=not no_audio)
+    with ProgressPrinter() as progress:
+        out = export_bundle(checkpoint, output, opts, overwrite=overwrite, progress=progress)
+    click.echo(str(out))
+
+
+def _runtime_options(fn):
+    fn = click.option("--model", "model", required=True, type=click.Path(path_type=Path),
+                      help="Bundle folder written by `minicpmo export`.")(fn)
+    fn = click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(fn)
+    fn = click.option("--threads", type=click.IntRange(1), help="Intra-op threads [all cores].")(fn)
+    fn = click.option("--context", "context_length", type=click.IntRange(16),
+                      help="Context length (KV cache size) [4096].")(fn)
+    return fn
+
+
+def _sampling_options(fn):
+    fn = click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)(fn)
+    fn = click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True,
+                      help="0 = greedy.")(fn)
+    fn = click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)(fn)
+    fn = click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")(fn)
+    fn = click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0)(fn)
+    fn = click.option("--seed", type=int)(fn)
+    return fn
+
+
+@cli.command()
+@_runtime_options
+@_sampling_options
+@click.option("--image", "images", multiple=True, help="Path, http(s) URL, data URI or base64; repeatable.")
+@click.option("--prompt", required=True, help="The question.")
+@click.option("--system", help="System prompt (default: the chat template's).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@_fail_cleanly
+def infer(model, provider, threads, context_length, max_tokens, temperature, top_p, top_k,
+          repetition_penalty, seed, images, prompt, system, as_json) -> None:
+    """Answer one question about zero or more images."""
+    from .infer import run_infer
+
+    run_infer(model=model, provider=provider, threads=threads, context_length=context_length,
+              images=images, prompt=prompt, system=system, as_json=as_json,
+              sampling=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=repetition_penalty, seed=seed))
+
+
+@cli.command()
+@_runtime_options
+@_sampling_options
+@_fail_cleanly
+def chat(model, provider, threads, context_length, max_tokens, temperature, top_p, top_k,
+         repetition_penalty, seed) -> None:
+    r"""Interactive multi-turn chat: \image SRC [question], \system TEXT, \clear, \exit."""
+    from .chat import run_chat
+
+    run_chat(model=model, provider=provider, threads=threads, context_length=context_length,
+             sampling=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                           repetition_penalty=repetition_penalty, seed=seed))
+
+
+@cli.command()
+@click.option("--model", "model", required=True, type=click.Path(path_type=Path))
+@click.option("--threads", type=click.IntRange(1), help="Intra-op threads [all cores].")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(16), default=512, show_default=True)
+@click.option("--decode-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_fail_cleanly
+def bench(model, threads, repeats, prompt_tokens, decode_tokens, provider, as_json) -> None:
+    """Measure a bundle: load, vision, time to first token, prefill/decode tok/s, peak RSS, size."""
+    import json
+
+    from ..runtime.bench import run_bench
+
+    result = run_bench(model, threads=threads, repeats=repeats, prompt_tokens=prompt_tokens,
+                       decode_tokens=decode_tokens, provider=provider,
+                       log=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for key, value in result.items():
+            click.echo(f"{key:32} {value}")
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

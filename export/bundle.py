@@ -1,0 +1,204 @@
+"""export_bundle: checkpoint -> bundle folder. Orchestration only; each step is its own function.
+
+The bundle is written into a temporary sibling folder and moved into place only when complete, so
+an interrupted or failed export never leaves a half-written bundle behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from ..runtime import manifest as mf
+try:
+    from .checkpoint import Checkpoint, open_checkpoint
+except ImportError:  # TEMP
+    Checkpoint = object
+from .decoder import IO as DECODER_IO
+from .decoder import build_decoder_graph
+from .graph import GraphBuilder
+from .options import ExportOptions
+from .vision import INPUTS as VISION_INPUTS
+from .vision import OUTPUT as VISION_OUTPUT
+from .vision import build_vision_graph
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+# Upstream MiniCPMO.default_tts_chat_template: switched on whenever a conversation holds audio.
+TTS_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n"
+    "<|spk_bos|><|spk|><|spk_eos|><|tts_bos|>' }}{% endif %}"
+)
+SPECIAL_TOKENS = {  # role -> token text (preprocessor_config.json names these the same way)
+    "im_start": "<image>", "im_end": "</image>", "slice_start": "<slice>", "slice_end": "</slice>",
+    "unk": "<unk>", "im_id_start": "<image_id>", "im_id_end": "</image_id>",
+    "audio_start": "<|audio_start|>", "audio_end": "<|audio_end|>", "tts_eos": "<|tts_eos|>",
+}
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # upstream chat(): terminators
+
+
+class ExportError(ValueError):
+    """The export cannot proceed (bad destination, tokenizer without a needed token, ...)."""
+
+
+def default_output_dir(source: str | Path, opts: ExportOptions) -> Path:
+    base = Path(str(source).rstrip("/")).name or "model"
+    return Path("models") / f"{base}-{opts.precision}"
+
+
+def export_bundle(source: str | Path, out_dir: str | Path | None = None, opts: ExportOptions | None = None,
+                  *, overwrite: bool = False, progress: Progress | None = None) -> Path:
+    """Export a MiniCPM-o 2.6 checkpoint (folder or hub id) into a bundle folder; returns its path."""
+    opts = opts or ExportOptions()
+    ckpt = open_checkpoint(source)
+    parts = ["vision", "resampler", "decoder"] + (["audio"] if opts.audio and ckpt.has_audio() else [])
+    ckpt.validate(parts=tuple(parts))
+    out = Path(out_dir) if out_dir else default_output_dir(source, opts)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_bundle(ckpt, tmp, out.name, opts, progress or _log_progress)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_bundle(ckpt: Checkpoint, folder: Path, name: str, opts: ExportOptions, progress: Progress) -> None:
+    cfg = ckpt.config
+    t0 = time.time()
+    quant_errors: dict[str, float] = {}
+    record = quant_errors.__setitem__
+    graphs = {}
+    progress("vision", 0, 1)
+    g = GraphBuilder("vision", folder / "vision.onnx.data")
+    build_vision_graph(g, cfg, ckpt.read, opts.vision_precision, opts.block_size, opts.accuracy_level,
+                       on_error=record)
+    g.save(folder / "vision.onnx")
+    graphs["vision"] = g
+    progress("vision", 1, 1)
+    g = GraphBuilder("decoder", folder / "decoder.onnx.data")
+    build_decoder_graph(g, cfg.decoder, ckpt.read, opts, cfg.decoder.max_position_embeddings,
+                        on_error=record, progress=lambda i, n: progress("decoder", i, n))
+    g.save(folder / "decoder.onnx")
+    graphs["decoder"] = g
+    progress("embeddings", 0, 1)
+    embed = _write_embeddings(ckpt, folder / "embed_tokens.npy")
+    progress("embeddings", 1, 1)
+    tokenizer = _write_tokenizer(ckpt, folder)
+    manifest = _manifest(ckpt, name, opts, graphs, embed, tokenizer, quant_errors)
+    manifest["export_seconds"] = round(time.time() - t0, 1)
+    files = sorted(p.name for p in folder.iterdir())
+    progress("hashing", 0, len(files))
+    manifest["files"] = mf.describe_files(folder, files)
+    (folder / mf.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_embeddings(ckpt: Checkpoint, path: Path) -> dict:
+    """Store embed_tokens exactly: BF16 sources as raw bf16 bits (uint16), F16 as float16, F32 as float32."""
+    key = "llm.model.embed_tokens.weight"
+    src = ckpt.dtype(key)
+    table = ckpt.read(key)  # float32, exact for every source dtype
+    if src == "BF16":
+        dtype, arr = "bfloat16", (table.view(np.uint32) >> 16).astype(np.uint16)
+    elif src == "F16":
+        dtype, arr = "float16", table.astype(np.float16)
+    else:
+        dtype, arr = "float32", table
+    np.save(path, arr)
+    return {"file": path.name, "dtype": dtype, "shape": list(table.shape)}
+
+
+def _write_tokenizer(ckpt: Checkpoint, folder: Path) -> dict:
+    src = ckpt.folder / "tokenizer.json"
+    if not src.is_file():
+        raise ExportError(f"{ckpt.folder}: no tokenizer.json (the runtime needs the fast tokenizer file)")
+    shutil.copyfile(src, folder / "tokenizer.json")
+    tok = Tokenizer.from_file(str(src))
+    tcfg_path = ckpt.folder / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_path.read_text(encoding="utf-8")) if tcfg_path.is_file() else {}
+    template = tcfg.get("chat_template")
+    if not isinstance(template, str):
+        raise ExportError(f"{tcfg_path}: no chat_template string")
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (folder / "chat_template_tts.jinja").write_text(TTS_CHAT_TEMPLATE, encoding="utf-8")
+    ids = {}
+    for text in [*SPECIAL_TOKENS.values(), *STOP_TOKENS]:
+        tid = tok.token_to_id(text)
+        if tid is None:
+            raise ExportError(f"tokenizer.json has no token {text!r}, which MiniCPM-o prompts need")
+        ids[text] = tid
+    return {
+        "file": "tokenizer.json", "chat_template": "chat_template.jinja",
+        "tts_chat_template": "chat_template_tts.jinja",
+        "special_tokens": dict(SPECIAL_TOKENS), "token_ids": ids,
+        "stop_token_ids": [ids[t] for t in STOP_TOKENS],
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+    }
+
+
+def _graph_io(g: GraphBuilder) -> dict:
+    def describe(v):
+        dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        return {"name": v.name, "elem_type": v.type.tensor_type.elem_type, "shape": dims}
+    return {"inputs": [describe(v) for v in g.inputs], "outputs": [describe(v) for v in g.outputs]}
+
+
+def _manifest(ckpt, name, opts, graphs, embed, tokenizer, quant_errors) -> dict:
+    cfg = ckpt.config
+    d, s, v = cfg.decoder, cfg.slicing, cfg.vision
+    errs = list(quant_errors.values())
+    return {
+        "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": ckpt.identity(),
+        "options": {"precision": opts.precision, "lm_head_precision": opts.head_precision,
+                    "vision_precision": opts.vision_precision, "block_size": opts.block_size,
+                    "accuracy_level": opts.accuracy_level},
+        "decoder": {"file": "decoder.onnx", **_graph_io(graphs["decoder"]),
+                    "io": {k: getattr(DECODER_IO, k) for k in DECODER_IO.__dataclass_fields__},
+                    "num_layers": d.num_hidden_layers, "num_attention_heads": d.num_attention_heads,
+                    "num_kv_heads": d.num_key_value_heads, "head_dim": d.head_dim, "hidden_size": d.hidden_size,
+                    "vocab_size": d.vocab_size, "max_position_embeddings": d.max_position_embeddings,
+                    "kv_dtype": "float32"},
+        "vision": {"file": "vision.onnx", **_graph_io(graphs["vision"]), "input_names": list(VISION_INPUTS),
+                   "output_name": VISION_OUTPUT, "batch_size": int(cfg.raw.get("vision_batch_size", 16))},
+        "embeddings": embed,
+        "preprocessing": {"max_slice_nums": s.max_slice_nums, "scale_resolution": s.scale_resolution,
+                          "patch_size": s.patch_size, "query_num": s.query_num, "slice_mode": s.slice_mode,
+                          "use_image_id": s.use_image_id, "norm_mean": [0.5] * 3, "norm_std": [0.5] * 3,
+                          "num_patches_per_side": v.num_patches_per_side},
+        "tokenizer": tokenizer,
+        "quantization": {"relative_error_max": max(errs) if errs else 0.0,
+                         "relative_error_mean": float(np.mean(errs)) if errs else 0.0,
+                         "per_tensor": {k: round(e, 6) for k, e in quant_errors.items()}},
+    }
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _log_progress(stage: str, done: int, total: int) -> None:
+    log.info("%s %d/%d", stage, done, total)

@@ -1,0 +1,229 @@
+"""Pydantic models of the OpenAI chat API subset this server speaks (requests strict, responses plain).
+
+Requests are strict: wrong JSON types are refused instead of coerced ("10" is not an int), and unknown
+fields are refused, as the OpenAI API does, so a typo ("max_token", "imageurl") is a 400 rather than a
+silently ignored setting. Fields that clients commonly send and that change nothing here (user,
+metadata, store...) are declared and ignored; fields that would change the output and are not
+implemented (tools, logprobs, response_format json...) are declared and refused by `unsupported()`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+_OUT = ConfigDict(extra="forbid")
+
+# Shared bounds (the OpenAI ones where OpenAI has one).
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 = greedy. Default 1.")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, description="Default 1 (off).")]
+TopK = Annotated[int, Field(ge=-1, description="0 or -1 = off (default).")]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, description="Default 0.")]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="1 = off (default).")]
+MaxTokens = Annotated[int, Field(ge=1)]
+StopText = Annotated[str, Field(min_length=1)]
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    model_config = _STRICT
+    url: str = Field(min_length=1, description="http(s) URL, data: URI, raw base64, or an allowed local path")
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; slicing is decided by the model
+
+
+class ImagePart(BaseModel):
+    model_config = _STRICT
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(BaseModel):
+    model_config = _STRICT
+    data: str = Field(min_length=1, description="base64-encoded audio file")
+    format: str = Field(min_length=1, max_length=16, description="wav, mp3, flac, ...")
+
+
+class AudioPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+UserPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+
+
+class SystemMessage(BaseModel):
+    model_config = _STRICT
+    role: Literal["system", "developer"]  # "developer" is OpenAI's newer name for the system role
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class UserMessage(BaseModel):
+    model_config = _STRICT
+    role: Literal["user"]
+    content: str | list[UserPart]
+    name: str | None = None
+
+
+class AssistantMessage(BaseModel):
+    model_config = _STRICT
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions body."""
+
+    model_config = _STRICT
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None  # wins over max_tokens when both are given
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    seed: int | None = None
+    stop: StopText | list[StopText] | None = Field(None, max_length=16)
+    n: int | None = None  # only 1 is served
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # accepted and ignored
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    # accepted only at their "off" value (see unsupported())
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+
+
+def unsupported(req: ChatCompletionRequest) -> tuple[str, str] | None:
+    """(param, message) for the first requested feature this server does not implement, else None."""
+    if req.n is not None and req.n != 1:
+        return "n", f"n must be 1 (this server returns a single choice), got {req.n}"
+    if req.logprobs or req.top_logprobs:
+        return "logprobs", "logprobs are not supported by this server"
+    if req.logit_bias:
+        return "logit_bias", "logit_bias is not supported by this server"
+    if req.tools:
+        return "tools", "tools / function calling are not supported by this server"
+    if req.tool_choice not in (None, "none", "auto"):
+        return "tool_choice", "tool_choice is not supported by this server"
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        return "response_format", "only response_format {\"type\": \"text\"} is supported"
+    if req.modalities and set(req.modalities) != {"text"}:
+        return "modalities", "only the \"text\" output modality is supported"
+    return None
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+class UsageInfo(BaseModel):
+    model_config = _OUT
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: dict[str, int] | None = None
+
+
+class ResponseMessage(BaseModel):
+    model_config = _OUT
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    model_config = _OUT
+    index: int = 0
+    message: ResponseMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    model_config = _OUT
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: UsageInfo
+
+
+class Delta(BaseModel):
+    model_config = _OUT
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    model_config = _OUT
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    model_config = _OUT
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    model_config = _OUT
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "minicpmo-onnx"
+    context_length: int
+
+
+class ModelList(BaseModel):
+    model_config = _OUT
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    model_config = _OUT
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    model_config = _OUT
+    error: ErrorDetail

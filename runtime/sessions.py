@@ -1,0 +1,75 @@
+"""ONNX Runtime sessions for a bundle's graphs, and the token-embedding table."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import BundleError
+
+log = logging.getLogger(__name__)
+PROVIDERS = ("auto", "cpu", "cuda")
+
+
+def resolve_provider(provider: str) -> str:
+    """'auto' picks CUDA when onnxruntime-gpu is installed and sees a GPU, else CPU."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    available = ort.get_available_providers()
+    if provider == "auto":
+        return "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    if provider == "cuda" and "CUDAExecutionProvider" not in available:
+        raise BundleError("provider 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider "
+                          "(install the gpu extra: pip uninstall onnxruntime && pip install onnxruntime-gpu)")
+    return provider
+
+
+def default_threads() -> int:
+    """Physical cores are what matter for GEMM/GEMV; ORT's default also counts SMT siblings."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n)
+
+
+def create_session(path: Path, provider: str, threads: int | None = None,
+                   profile_prefix: str | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    providers = ["CPUExecutionProvider"]
+    if provider == "cuda":
+        providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise BundleError(f"{path.name}: ONNX Runtime could not load it: {str(e).splitlines()[0]}") from e
+
+
+class EmbeddingTable:
+    """Rows of `embed_tokens` gathered from a memory-mapped .npy (only the rows read touch memory)."""
+
+    def __init__(self, path: Path, dtype: str, shape: list[int]):
+        try:
+            self._table = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{path.name}: cannot read the embedding table ({e})") from e
+        if list(self._table.shape) != list(shape):
+            raise BundleError(f"{path.name}: shape {list(self._table.shape)} != manifest {shape}")
+        self._bf16 = dtype == "bfloat16"  # stored as the raw upper 16 bits of float32
+        self.vocab_size, self.hidden_size = shape
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """ids [T] -> embeddings [T, D] float32."""
+        rows = self._table[np.asarray(ids, dtype=np.int64)]
+        if self._bf16:
+            return (rows.astype(np.uint32) << 16).view(np.float32)
+        return rows.astype(np.float32)

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny synthetic checkpoints and bundles exported from them (once per session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REAL_TOKENIZER = SHARED / "reference" / "tokenizer"
+
+
+def real_tokenizer_dir() -> Path | None:
+    return REAL_TOKENIZER if (REAL_TOKENIZER / "tokenizer.json").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny synthetic checkpoint in the upstream format, with the real tokenizer when available."""
+    pytest.importorskip("torch")
+    from minicpmo.export.synth import write_synthetic_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    return write_synthetic_checkpoint(out, size="tiny", seed=0, audio=True, tokenizer_dir=real_tokenizer_dir())
+
+
+def _export(tmp_path_factory, checkpoint: Path, name: str, **opts) -> Path:
+    from minicpmo.export.bundle import export_bundle
+    from minicpmo.export.options import ExportOptions
+
+    out = tmp_path_factory.mktemp("bundles") / name
+    return export_bundle(checkpoint, out, ExportOptions(**opts), progress=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
+    return _export(tmp_path_factory, tiny_checkpoint, "tiny-fp32", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def int4_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
+    return _export(tmp_path_factory, tiny_checkpoint, "tiny-int4", precision="int4")
+
+
+@pytest.fixture(scope="session")
+def int8_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
+    return _export(tmp_path_factory, tiny_checkpoint, "tiny-int8", precision="int8")
