@@ -5,7 +5,12 @@ Never imported by the runtime.
 """
 
 from .decoder import decoder_forward, embed, greedy_generate
-from .pipeline import reference_chat, reference_image_embeds, reference_inputs_embeds, reference_prefill_logits
+from .pipeline import (
+    reference_chat,
+    reference_image_embeds,
+    reference_inputs_embeds,
+    reference_prefill_logits,
+)
 from .preprocess import image_placeholder, preprocess_images
 from .prompt import build_prompt
 from .resampler import get_2d_sincos_pos_embed, resampler_forward

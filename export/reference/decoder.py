@@ -99,13 +99,14 @@ def decoder_hidden(weights: Mapping[str, torch.Tensor], cfg: MiniCPMOConfig | De
     dc = _dec(cfg)
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
         raise ValueError(f"inputs_embeds must be [1, T, D], got {tuple(inputs_embeds.shape)}")
-    offset = cache[0][0].shape[2] if cache else 0
+    past_layers = list(cache) if cache else []  # snapshot: the loop below appends to `cache`
+    offset = past_layers[0][0].shape[2] if past_layers else 0
     t = inputs_embeds.shape[1]
     cos, sin = rope_cos_sin(torch.arange(offset, offset + t), dc.head_dim, dc.rope_theta)
     x = inputs_embeds
     for i in range(dc.num_hidden_layers):
         p = f"llm.model.layers.{i}"
-        past = cache[i] if cache else None
+        past = past_layers[i] if past_layers else None
         h, kv = _attention(weights, f"{p}.self_attn", rms_norm(x, weights[f"{p}.input_layernorm.weight"],
                                                                  dc.rms_norm_eps), dc, cos, sin, past)
         if cache is not None:

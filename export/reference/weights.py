@@ -21,7 +21,7 @@ def load_weights(folder: str | Path, prefixes: Iterable[str] | None = DEFAULT_PR
     weights: dict[str, torch.Tensor] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+            for name in f.keys():
                 if keep is None or name.startswith(keep):
                     weights[name] = f.get_tensor(name).to(torch.float32)
     return weights

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-
-from PIL import Image  # noqa: E402
 
 from minicpmo.export.hf_config import parse_config  # noqa: E402
 from minicpmo.export.reference import decoder as dec  # noqa: E402
@@ -20,6 +17,7 @@ from minicpmo.export.reference.prompt import build_prompt  # noqa: E402
 from minicpmo.export.reference.resampler import get_2d_sincos_pos_embed, resampler_forward  # noqa: E402
 from minicpmo.export.reference.vision import navit_position_ids, siglip_forward  # noqa: E402
 from minicpmo.export.reference.weights import load_weights  # noqa: E402
+from PIL import Image  # noqa: E402
 
 TOKENIZER = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "tokenizer"
 HAVE_TOKENIZER = (TOKENIZER / "tokenizer.json").is_file()
@@ -181,7 +179,7 @@ def test_prompt_example_layout():
     assert ids[28:92] == [128244] * 64 and ids[92:94] == [151666, 151675]
     assert ids[158:161] == [151676, 198, 151675] and ids[225:228] == [151676, 198, 151675]
     assert ids[292:294] == [151676, 198]
-    assert ids[-6:] == [151645, 198, 151644, 77091, 198][-6:] or ids[-5:] == [151645, 198, 151644, 77091, 198]
+    assert ids[-5:] == [151645, 198, 151644, 77091, 198]
     assert prompt.text.endswith("What is in the image?<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -328,4 +326,3 @@ def test_reference_chat_end_to_end():
     assert out["image_bounds"] == [(28, 92), (94, 158), (161, 225), (228, 292)]
     assert len(out["prompt_ids"]) == 305 and 1 <= len(out["output_ids"]) <= 3
     assert all(0 <= t < vocab for t in out["output_ids"])
-    assert math.isfinite(float(w["resampler.proj"].sum()))
