@@ -120,8 +120,9 @@ class Pipeline:
         try:
             for token in tokens:
                 n += 1
-                if token in stop_ids:
+                if token in stop_ids:  # reported in token_ids (as in HF sequences), never as text
                     finish = "stop"
+                    yield GenerationChunk(token_ids=[token])
                     break
                 text, stopped = stops.feed(detok.add(token))
                 yield GenerationChunk(text=text, token_ids=[token])

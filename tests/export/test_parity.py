@@ -1,0 +1,151 @@
+"""The exported graphs against the independent PyTorch reference (export/reference), on a tiny
+synthetic checkpoint: vision embeddings and logits within 1e-4 in fp32, greedy ids identical,
+and int4/int8 logits close to fp32 (cosine >= 0.99)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+
+from minicpmo.export.hf_config import load_config  # noqa: E402
+from minicpmo.export.reference import load_weights, reference_chat, reference_image_embeds  # noqa: E402
+from minicpmo.export.reference.pipeline import reference_prefill_logits  # noqa: E402
+from minicpmo.runtime.pipeline import Pipeline  # noqa: E402
+from minicpmo.runtime.types import GenerationParams  # noqa: E402
+
+# (width, height): aspect ratios that give different slice grids (see ARCH §3)
+SIZES = {
+    "square": (640, 640), "4:3 small": (200, 150), "5:2": (1000, 400), "1:3": (300, 900),
+    "3:2 large": (1344, 896), "10:1": (1400, 140), "20x20": (20, 20),
+}
+
+
+def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth picture with some texture (not pure noise: resizes must matter)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([127 + 120 * np.sin(x / (7 + 3 * c) + y / (11 + c) + c) for c in range(3)], -1)
+    pix = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pix, "RGB")
+
+
+def to_reference_messages(messages):
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [p["image"] if p["type"] == "image" else p["text"] for p in content]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_checkpoint):
+    return load_weights(tiny_checkpoint, prefixes=None)
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_checkpoint):
+    return load_config(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def fp32_pipe(fp32_bundle):
+    return Pipeline.load(fp32_bundle, provider="cpu", context_length=4096)
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_vision_embeddings_match_reference(name, weights, cfg, fp32_pipe):
+    img = make_image(*SIZES[name], seed=len(name))
+    prepared = fp32_pipe.vision.prepare(img)
+    ours = fp32_pipe.vision.encode(prepared)
+    ref = reference_image_embeds(weights, cfg, [img]).numpy()
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def _user(images, text):
+    return {"role": "user", "content": [{"type": "image", "image": im} for im in images]
+            + [{"type": "text", "text": text}]}
+
+
+def _conversations():
+    imgs = {name: make_image(*size, seed=i) for i, (name, size) in enumerate(SIZES.items())}
+    cases = {f"image {name}": [_user([im], "What is in the image?")] for name, im in imgs.items()}
+    cases["text only"] = [{"role": "user", "content": "Tell me a story about a robot."}]
+    cases["two images"] = [_user([imgs["square"], imgs["1:3"]], "Compare these two pictures.")]
+    cases["earlier turn"] = [
+        _user([imgs["5:2"]], "Describe this."),
+        {"role": "assistant", "content": "A wide picture with stripes."},
+        {"role": "user", "content": "What colour is it mostly?"},
+    ]
+    return cases
+
+
+CONVERSATIONS = _conversations()
+
+
+@pytest.mark.parametrize("case", list(CONVERSATIONS))
+def test_greedy_tokens_identical_to_reference(case, weights, cfg, tiny_checkpoint, fp32_pipe):
+    messages = CONVERSATIONS[case]
+    ref = reference_chat(weights, cfg, tiny_checkpoint, to_reference_messages(messages), max_new_tokens=32)
+    fp32_pipe.kv.reset()  # the first request of a conversation: no cached prefix
+    chunks = list(fp32_pipe.generate(messages, GenerationParams(max_tokens=32)))
+    ours = [t for c in chunks for t in c.token_ids]
+    assert fp32_pipe.last_prompt_ids == list(ref["prompt_ids"])
+    assert ours == list(ref["output_ids"])
+
+
+def test_prefill_logits_match_reference(weights, cfg, tiny_checkpoint, fp32_pipe):
+    messages = CONVERSATIONS["image 3:2 large"]
+    _, ref_logits = reference_prefill_logits(weights, cfg, tiny_checkpoint, to_reference_messages(messages))
+    fp32_pipe.kv.reset()
+    np.testing.assert_allclose(_first_logits(fp32_pipe, messages), ref_logits[0, -1].numpy(), atol=1e-4, rtol=0)
+
+
+def test_cached_prefix_gives_the_same_tokens(fp32_pipe):
+    """A follow-up turn re-uses the KV cache of the earlier turns and still matches a cold run."""
+    first = CONVERSATIONS["earlier turn"][:1]
+    fp32_pipe.kv.reset()
+    reply = "".join(c.text for c in fp32_pipe.generate(first, GenerationParams(max_tokens=8)))
+    follow = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+    warm = list(fp32_pipe.generate(follow, GenerationParams(max_tokens=16)))
+    assert warm[-1].usage.cached_prompt_tokens > 64
+    fp32_pipe.kv.reset()
+    cold = list(fp32_pipe.generate(follow, GenerationParams(max_tokens=16)))
+    assert cold[-1].usage.cached_prompt_tokens == 0
+    assert [t for c in warm for t in c.token_ids] == [t for c in cold for t in c.token_ids]
+
+
+def _first_logits(pipe: Pipeline, messages) -> np.ndarray:
+    """Logits after the prompt, through the pipeline's own preprocessing and graphs."""
+    gen = pipe.generate(messages, GenerationParams(max_tokens=1))
+    captured = {}
+    forward = pipe.decoder.prefill
+
+    def spy(embeds, keys, **kw):
+        captured["logits"] = forward(embeds, keys, **kw).copy()
+        return captured["logits"]
+
+    pipe.decoder.prefill = spy
+    try:
+        list(gen)
+    finally:
+        del pipe.decoder.prefill
+    return captured["logits"]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("bundle_fixture", ["int4_bundle", "int8_bundle"])
+@pytest.mark.parametrize("case", ["text only", "image 5:2", "two images"])
+def test_quantized_logits_close_to_fp32(bundle_fixture, case, request, fp32_pipe):
+    pipe = Pipeline.load(request.getfixturevalue(bundle_fixture), provider="cpu", context_length=4096)
+    messages = CONVERSATIONS[case]
+    fp32_pipe.kv.reset()
+    assert _cosine(_first_logits(pipe, messages), _first_logits(fp32_pipe, messages)) >= 0.99
