@@ -106,17 +106,25 @@ def _sampling_options(fn):
 @_runtime_options
 @_sampling_options
 @click.option("--image", "images", multiple=True, help="Path, http(s) URL, data URI or base64; repeatable.")
+@click.option("--audio", "audios", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Audio file (WAV/FLAC/OGG/MP3); repeatable. Switches on the audio chat template.")
+@click.option("--video", type=click.Path(exists=True, dir_okay=False), help="Video file (needs PyAV).")
+@click.option("--frames", type=click.Path(exists=True, file_okay=False), help="Folder of video frames.")
+@click.option("--fps", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--max-frames", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--prompt", required=True, help="The question.")
 @click.option("--system", help="System prompt (default: the chat template's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_fail_cleanly
 def infer(model, provider, threads, context_length, max_tokens, temperature, top_p, top_k,
-          repetition_penalty, seed, images, prompt, system, as_json) -> None:
-    """Answer one question about zero or more images."""
-    from .infer import run_infer
+          repetition_penalty, seed, images, audios, video, frames, fps, max_frames, prompt, system,
+          as_json) -> None:
+    """Answer one question about images, audio clips or a video."""
+    from .infer import MediaArgs, run_infer
 
+    media = MediaArgs(images=images, audios=audios, video=video, frames=frames, fps=fps, max_frames=max_frames)
     run_infer(model=model, provider=provider, threads=threads, context_length=context_length,
-              images=images, prompt=prompt, system=system, as_json=as_json,
+              media=media, prompt=prompt, system=system, as_json=as_json,
               sampling=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed))
 
@@ -127,7 +135,7 @@ def infer(model, provider, threads, context_length, max_tokens, temperature, top
 @_fail_cleanly
 def chat(model, provider, threads, context_length, max_tokens, temperature, top_p, top_k,
          repetition_penalty, seed) -> None:
-    r"""Interactive multi-turn chat: \image SRC [question], \system TEXT, \clear, \exit."""
+    r"""Interactive multi-turn chat: \image, \audio, \video SRC [question]; \system TEXT; \clear; \exit."""
     from .chat import run_chat
 
     run_chat(model=model, provider=provider, threads=threads, context_length=context_length,

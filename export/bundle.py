@@ -18,10 +18,14 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..runtime import manifest as mf
+
 try:
     from .checkpoint import Checkpoint, open_checkpoint
 except ImportError:  # TEMP
     Checkpoint = object
+from .audio import INPUTS as AUDIO_INPUTS
+from .audio import OUTPUT as AUDIO_OUTPUT
+from .audio import build_audio_graph, chunk_frames
 from .decoder import IO as DECODER_IO
 from .decoder import build_decoder_graph
 from .graph import GraphBuilder
@@ -61,7 +65,7 @@ def export_bundle(source: str | Path, out_dir: str | Path | None = None, opts: E
     """Export a MiniCPM-o 2.6 checkpoint (folder or hub id) into a bundle folder; returns its path."""
     opts = opts or ExportOptions()
     ckpt = open_checkpoint(source)
-    parts = ["vision", "resampler", "decoder"] + (["audio"] if opts.audio and ckpt.has_audio() else [])
+    parts = ["vision", "resampler", "decoder"] + (["audio"] if opts.audio and _has_audio(ckpt) else [])
     ckpt.validate(parts=tuple(parts))
     out = Path(out_dir) if out_dir else default_output_dir(source, opts)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -71,7 +75,7 @@ def export_bundle(source: str | Path, out_dir: str | Path | None = None, opts: E
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_bundle(ckpt, tmp, out.name, opts, progress or _log_progress)
+        _write_bundle(ckpt, tmp, out.name, opts, progress or _log_progress, audio="audio" in parts)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -79,7 +83,12 @@ def export_bundle(source: str | Path, out_dir: str | Path | None = None, opts: E
     return out
 
 
-def _write_bundle(ckpt: Checkpoint, folder: Path, name: str, opts: ExportOptions, progress: Progress) -> None:
+def _has_audio(ckpt: Checkpoint) -> bool:
+    return any(k.startswith("apm.") for k in ckpt.keys())
+
+
+def _write_bundle(ckpt: Checkpoint, folder: Path, name: str, opts: ExportOptions, progress: Progress,
+                  audio: bool = False) -> None:
     cfg = ckpt.config
     t0 = time.time()
     quant_errors: dict[str, float] = {}
@@ -92,6 +101,14 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, name: str, opts: ExportOptions
     g.save(folder / "vision.onnx")
     graphs["vision"] = g
     progress("vision", 1, 1)
+    if audio:
+        progress("audio", 0, 1)
+        g = GraphBuilder("audio", folder / "audio.onnx.data")
+        build_audio_graph(g, cfg, ckpt.read, opts.vision_precision, opts.block_size, opts.accuracy_level,
+                          on_error=record)
+        g.save(folder / "audio.onnx")
+        graphs["audio"] = g
+        progress("audio", 1, 1)
     g = GraphBuilder("decoder", folder / "decoder.onnx.data")
     build_decoder_graph(g, cfg.decoder, ckpt.read, opts, cfg.decoder.max_position_embeddings,
                         on_error=record, progress=lambda i, n: progress("decoder", i, n))
@@ -102,6 +119,11 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, name: str, opts: ExportOptions
     progress("embeddings", 1, 1)
     tokenizer = _write_tokenizer(ckpt, folder)
     manifest = _manifest(ckpt, name, opts, graphs, embed, tokenizer, quant_errors)
+    if audio:
+        manifest["audio"] = {"file": "audio.onnx", **_graph_io(graphs["audio"]), "input_names": list(AUDIO_INPUTS),
+                             "output_name": AUDIO_OUTPUT, "chunk_frames": chunk_frames(cfg),
+                             "pool_step": cfg.audio_pool_step, "chunk_length_s": cfg.audio_chunk_length,
+                             "chunk_input": cfg.chunk_input, "sample_rate": 16000}
     manifest["export_seconds"] = round(time.time() - t0, 1)
     files = sorted(p.name for p in folder.iterdir())
     progress("hashing", 0, len(files))

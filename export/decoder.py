@@ -24,8 +24,8 @@ from onnx import TensorProto
 
 from .graph import MS_DOMAIN, GraphBuilder
 from .hf_config import DecoderConfig
+from .ops import ErrorSink, linear, rms_norm, silu_mul, skip_rms_norm
 from .options import ExportOptions
-from .ops import ErrorSink, linear, rms_norm, skip_rms_norm, silu_mul
 
 ReadWeight = Callable[[str], np.ndarray]  # name -> float32 array (upstream key names)
 P = "llm.model.layers.{i}."

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ContextLengthError, InputError
+from .errors import AudioError, ContextLengthError, InputError
 from .generate import Decoder, StepStats, generate_tokens
 from .kv_cache import KVCache
 from .manifest import Manifest, load_manifest
@@ -27,6 +27,8 @@ from .stopping import StopMatcher
 from .tokenizer import StreamingDetokenizer, Tokenizer
 from .types import GenerationChunk, GenerationParams, Message, Usage
 from .vision import PreparedImage, VisionEncoder
+
+VIDEO_MAX_SLICES = 2  # the model card's setting for video frames (1 on request)
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 4096
@@ -60,6 +62,16 @@ class Pipeline:
         vis = manifest["vision"]
         self.vision = VisionEncoder(create_session(manifest.path(vis["file"]), self.provider, threads),
                                     self.params, vis["batch_size"], image_cache_bytes)
+        self.tts_template = manifest.path(tok["tts_chat_template"]).read_text(encoding="utf-8")
+        self.token_ids = tok["token_ids"]
+        self.audio = None
+        if manifest.get("audio"):
+            from .audio import AudioEncoder
+
+            aud = manifest["audio"]
+            self.audio_info = aud
+            self.audio = AudioEncoder(create_session(manifest.path(aud["file"]), self.provider, threads),
+                                      chunk_frames=aud["chunk_frames"], pool_step=aud["pool_step"])
         self.last_prompt_ids: list[int] = []
         self.load_seconds = time.perf_counter() - t0
 
@@ -74,15 +86,20 @@ class Pipeline:
         params = params or GenerationParams()
         sampler = make_sampler(params)
         usage = Usage()
-        images = [self.vision.prepare(img) for img in _images_in(messages)]
-        prompt = build_prompt(messages, [im.grid for im in images], self.tokenizer, self.chat_template,
-                              self.params, self.special)
+        images = [self.vision.prepare(img, max_slices) for img, max_slices in _visual_parts(messages)]
+        clips = _audio_parts(messages)
+        template, placeholder = self._audio_prompt_parts(clips)
+        extra = {"audio_placeholder": placeholder} if placeholder else {}
+        prompt = build_prompt(messages, [im.grid for im in images], self.tokenizer, template,
+                              self.params, self.special, **extra)
         ids = np.asarray(prompt.token_ids, dtype=np.int64)
         usage.prompt_tokens = len(ids)
         self.last_prompt_ids = ids.tolist()
         max_tokens = self._check_context(len(ids), params.max_tokens)
         t0 = time.perf_counter()
         embeds, keys = self._prompt_embeddings(ids, prompt.image_bounds, images)
+        if clips:
+            embeds, keys = self._splice_audio(ids, embeds, keys, clips)
         usage.vision_seconds = time.perf_counter() - t0
         stats = StepStats()
         tokens = generate_tokens(self.decoder, self.embed, embeds, keys, ids, sampler, max_tokens,
@@ -109,6 +126,52 @@ class Pipeline:
             media_keys = [(im.key, j) for im in images for j in range(len(im.strips) * self.params.query_num)]
             for (start, end), k in zip(bounds, range(0, len(media_keys), self.params.query_num), strict=True):
                 keys[start:end] = media_keys[k:k + (end - start)]
+        return embeds, keys
+
+    def _audio_prompt_parts(self, clips: list[tuple[int, np.ndarray]]):
+        """The chat template and the audio placeholder function; audio switches on the TTS template."""
+        if not clips:
+            return self.chat_template, None
+        if self.audio is None:
+            raise InputError("this bundle has no audio encoder (it was exported without audio)",
+                             param="messages", code="unsupported_audio")
+        from .preprocess.audio import audio_placeholder, audio_token_count
+
+        info, tokens = self.audio_info, self.special
+        for n, (_, clip) in enumerate(clips):
+            if audio_token_count(len(clip), pool_step=info["pool_step"]) == 0:
+                raise AudioError(f"audio clip {n} is too short ({len(clip)} samples at 16 kHz); "
+                                 "it would give no audio token", param="messages")
+
+        def placeholder(i: int) -> str:
+            return audio_placeholder(len(clips[i][1]), info["chunk_input"], audio_start=tokens["audio_start"],
+                                     unk=tokens["unk"], audio_end=tokens["audio_end"],
+                                     pool_step=info["pool_step"], chunk_length_s=info["chunk_length_s"])
+        return self.tts_template, placeholder
+
+    def _splice_audio(self, ids: np.ndarray, embeds: np.ndarray, keys: list, clips):
+        """Encode all clips as upstream does (one batch; a message's clips joined) and fill the
+        rows between each <|audio_start|> and <|audio_end|>, in order."""
+        from .preprocess.audio import merge_message_clips
+
+        start_id = self.token_ids[self.special["audio_start"]]
+        end_id = self.token_ids[self.special["audio_end"]]
+        starts, ends = np.flatnonzero(ids == start_id) + 1, np.flatnonzero(ids == end_id)
+        if len(starts) != len(ends) or np.any(ends < starts):
+            raise InputError("the prompt's audio bounds are malformed; does a message contain audio tokens "
+                             "as text?", param="messages")
+        merged = merge_message_clips([c for _, c in clips], [m for m, _ in clips])
+        rows = np.concatenate(self.audio.encode_batch(merged))
+        bounds = np.stack([starts, ends], axis=1)
+        n_positions = int((ends - starts).sum())
+        if len(rows) < n_positions:
+            raise AudioError(f"the audio encoder gave {len(rows)} embeddings for {n_positions} audio "
+                             "positions", param="messages")
+        embeds = splice_embeddings(embeds, rows[:n_positions], bounds)
+        digest = _clips_digest(merged)
+        positions = np.concatenate([np.arange(s, e) for s, e in bounds])
+        for j, pos in enumerate(positions):
+            keys[pos] = ("audio", digest, j)
         return embeds, keys
 
     def _stream_text(self, tokens, params: GenerationParams, usage: Usage,
@@ -142,17 +205,40 @@ class Pipeline:
         yield GenerationChunk(finish_reason=finish, usage=usage)
 
 
-def _images_in(messages: list[Message]) -> list:
-    """The images of a conversation in prompt order (video frames count as images)."""
-    out = []
+def _parts(messages: list[Message]):
+    """(message index, part) of every list-content part, checking roles on the way."""
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise InputError(f"messages[{i}]: role must be one of {ROLES}", param=f"messages[{i}].role")
         content = m.get("content")
         if isinstance(content, list):
             for part in content:
-                if part.get("type") == "image":
-                    out.append(part["image"])
-                elif part.get("type") == "video":
-                    out.extend(part["frames"])
+                if isinstance(part, dict):
+                    yield i, part
+
+
+def _visual_parts(messages: list[Message]) -> list:
+    """(image, max slices or None) in prompt order; video frames count as images of at most 2 slices."""
+    out = []
+    for _, part in _parts(messages):
+        if part.get("type") == "image":
+            out.append((part["image"], None))
+        elif part.get("type") == "video":
+            out.extend((frame, part.get("max_slices", VIDEO_MAX_SLICES)) for frame in part["frames"])
     return out
+
+
+def _audio_parts(messages: list[Message]) -> list[tuple[int, np.ndarray]]:
+    """(message index, 16 kHz float32 samples) of every audio clip, in prompt order."""
+    return [(i, np.asarray(part["audio"], dtype=np.float32)) for i, part in _parts(messages)
+            if part.get("type") == "audio"]
+
+
+def _clips_digest(clips: list[np.ndarray]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for c in clips:
+        h.update(np.ascontiguousarray(c, dtype=np.float32).tobytes())
+        h.update(b"|")
+    return h.hexdigest()

@@ -27,6 +27,7 @@ FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100
 DEFAULT_MAX_SECONDS = 600.0
 _RATE_RANGE = (1_000, 384_000)
 _BLOCK_FRAMES = 1 << 16
+_ACCEPTED = {"WAV", "WAVEX", "FLAC", "OGG", "MP3", "AIFF", "AU", "CAF", "W64", "RF64"}
 _CONTAINERS = {  # accepted format hints (file suffixes, MIME subtypes, OpenAI input_audio formats)
     "wav": "WAV", "wave": "WAV", "x-wav": "WAV", "vnd.wave": "WAV", "flac": "FLAC", "x-flac": "FLAC",
     "ogg": "OGG", "oga": "OGG", "opus": "OGG", "vorbis": "OGG", "mp3": "MP3", "mpeg": "MP3",
@@ -65,10 +66,12 @@ def _container(fmt: str | None, source: str) -> str | None:
 
 def decode_audio_bytes(data: bytes, fmt: str | None = None, *, max_seconds: float = DEFAULT_MAX_SECONDS,
                        source: str = "audio") -> np.ndarray:
-    """Decode an encoded clip (WAV/FLAC/OGG/MP3/...) to float32 mono 16 kHz samples [n].
+    """Decode an encoded clip (WAV/FLAC/OGG/MP3/AIFF/AU/CAF/W64/RF64) to float32 mono 16 kHz samples [n].
 
-    Channels are averaged and other rates resampled with soxr (HQ), as librosa.load(sr=16000) does
-    upstream. The duration is checked from the header before the samples are decoded.
+    The container is detected from the data; `fmt` (e.g. "wav", "mp3", "audio/flac") is only checked
+    to be a supported name. Channels are averaged and other rates resampled with soxr (HQ), as
+    librosa.load(sr=16000) does upstream. The duration is checked from the header before the samples
+    are decoded, and again while decoding (stream headers can lie).
 
     Raises:
         AudioError: empty, damaged or non-audio data, an unsupported format, no samples, a clip longer
@@ -94,7 +97,7 @@ def _decode(file, max_seconds: float, source: str) -> np.ndarray:
     sf = _soundfile()
     try:
         with sf.SoundFile(file) as f:
-            _check_header(f.samplerate, f.channels, f.frames, max_seconds, source)
+            _check_header(f.format, f.samplerate, f.channels, f.frames, max_seconds, source)
             mono, rate = _read_mono(f, max_seconds, source), f.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as e:
         raise AudioError(f"{source}: not a readable audio file ({_reason(e)})") from None
@@ -113,7 +116,10 @@ def _reason(e: Exception) -> str:
     return text.split(": ", 1)[1] if text.startswith("Error opening") and ": " in text else text
 
 
-def _check_header(rate: int, channels: int, frames: int, max_seconds: float, source: str) -> None:
+def _check_header(container: str, rate: int, channels: int, frames: int, max_seconds: float,
+                  source: str) -> None:
+    if container not in _ACCEPTED:  # libsndfile also reads MAT5, HTK, SD2, ...: not audio clips people send
+        raise AudioError(f"{source}: unsupported audio container {container}", code="unsupported_audio_format")
     if not _RATE_RANGE[0] <= rate <= _RATE_RANGE[1]:
         raise AudioError(f"{source}: unsupported sample rate {rate} Hz", code="unsupported_audio_format")
     if channels < 1:

@@ -51,10 +51,17 @@ def internal_error(request_id: str) -> ApiError:
 
 
 def validation_error(errors: list[dict[str, Any]]) -> ApiError:
-    """One 400 from pydantic's error list: the most specific error (deepest location) is reported."""
+    """One 400 from pydantic's error list: the most specific errors (deepest location) are reported."""
     if not errors:
         return ApiError(400, "invalid request body")
-    err = max(errors, key=lambda e: len(e.get("loc", ())))
+    depth = max(len(e.get("loc", ())) for e in errors)
+    deepest = [_one_error(e) for e in errors if len(e.get("loc", ())) == depth]
+    first = deepest[0]
+    messages = list(dict.fromkeys(e.message for e in deepest))[:3]
+    return ApiError(400, "; ".join(messages), param=first.param, code=first.code)
+
+
+def _one_error(err: dict[str, Any]) -> ApiError:
     kind, loc = err.get("type", ""), [p for p in err.get("loc", ()) if p != "body"]
     if kind == "json_invalid":
         detail = (err.get("ctx") or {}).get("error", "")

@@ -98,8 +98,8 @@ async def chat_completion(req: ChatCompletionRequest, request: Request, state: S
             return _EventStream(run.sse(first, include_usage), on_close=job.cancelled.set)
         return await run.collect(first)
     except ClientGone:
-        state.metrics.cancelled.inc()
-        return Response(status_code=499)  # nginx's "client closed request": only the log sees it
+        run.client_left()
+        return Response(status_code=499)
     finally:
         if not handed_over:
             job.cancelled.set()
@@ -182,6 +182,7 @@ class _Run:
         raise _shutting_down()
 
     async def sse(self, item: Any, include_usage: bool) -> AsyncIterator[str]:
+        ended = False  # False at the finally: the client left (ClientGone, or the task was cancelled)
         try:
             yield self._chunk(Delta(role="assistant", content=""))
             while item is not DONE:
@@ -197,16 +198,22 @@ class _Run:
                 item = await self.next_event()
             else:
                 raise _shutting_down()
+            ended = True
         except ClientGone:
-            self.state.metrics.cancelled.inc()
-            self.request.state.status_override = 499
             return
         except ApiError as e:  # headers are sent already: report in the stream, as OpenAI does
+            ended = True
             self.request.state.status_override = e.status
             yield f"data: {_json(e.body())}\n\n"
         finally:
             self.job.cancelled.set()
+            if not ended:
+                self.client_left()
         yield "data: [DONE]\n\n"
+
+    def client_left(self) -> None:
+        self.state.metrics.cancelled.inc()
+        self.request.state.status_override = 499  # nginx's "client closed request": only the log sees it
 
     def _chunk(self, delta: Delta, finish_reason: str | None = None) -> str:
         choice = ChunkChoice(delta=delta, finish_reason=finish_reason)

@@ -120,17 +120,19 @@ def _get(target: _Target, addresses: list[str], deadline: float, max_bytes: int,
         length = response.getheader("Content-Length")
         if length and length.isdigit() and int(length) > max_bytes:
             raise ImageError(f"{name}: image is {length} bytes, more than the limit of {max_bytes}")
-        return _read_capped(conn, response, deadline, max_bytes, name), None
+        return _read_capped(response, deadline, max_bytes, name), None
     except (OSError, http.client.HTTPException) as e:
         raise ImageError(f"{name}: cannot fetch image URL: {e or type(e).__name__}") from e
     finally:
         conn.close()
 
 
-def _read_capped(conn, response, deadline: float, max_bytes: int, name: str) -> bytes:
+def _read_capped(response: http.client.HTTPResponse, deadline: float, max_bytes: int, name: str) -> bytes:
+    """The body, read in chunks. Each read waits at most the socket timeout (the time left at connect);
+    the deadline is checked between reads, so a trickling server is cut off too."""
     chunks, size = [], 0
     while True:
-        conn.sock.settimeout(_remaining(deadline, name))
+        _remaining(deadline, name)
         chunk = response.read(_CHUNK)
         if not chunk:
             return b"".join(chunks)

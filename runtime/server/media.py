@@ -91,7 +91,8 @@ def load_image_url(url: str, policy: MediaPolicy) -> Image.Image:
         return load_image(url, max_bytes=policy.max_image_bytes, max_pixels=policy.max_image_pixels,
                           allow_urls=False, allow_files=False)
     except ImageError as e:
-        if not url.startswith(_PATH_PREFIXES) or len(url) > _MAX_PATH_CHARS:
+        maybe_path = policy.allowed_local_media is not None or url.startswith(_PATH_PREFIXES)
+        if not maybe_path or len(url) > _MAX_PATH_CHARS:
             raise
         raise ImageError(_path_refusal(url, policy.allowed_local_media)) from e
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 _OUT = ConfigDict(extra="forbid")
@@ -181,6 +181,10 @@ class Delta(BaseModel):
     model_config = _OUT
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler) -> dict[str, Any]:  # OpenAI sends {"content": "..."}, no nulls
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChunkChoice(BaseModel):

@@ -71,17 +71,22 @@ class Worker:
         self._running = 0
         self._mean_seconds = 2.0  # moving average of one job's run time, for Retry-After
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="minicpmo-generate", daemon=True)
+        self._thread: threading.Thread | None = None
 
     # -- event-loop side -----------------------------------------------------------------------
     def start(self) -> None:
+        """Start the thread (again, after stop(): the pipeline is loaded only once)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="minicpmo-generate", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Cancel what is queued or running and end the thread (waits at most `timeout`)."""
         self._stopping.set()
         self._jobs.put(None)
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
 
     @property
@@ -117,7 +122,7 @@ class Worker:
 
     # -- worker thread -------------------------------------------------------------------------
     def _run(self) -> None:
-        if not self._load():
+        if self.pipeline is None and not self._load():
             return
         while (job := self._jobs.get()) is not None:
             try:
