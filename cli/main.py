@@ -168,6 +168,37 @@ def bench(model, threads, repeats, prompt_tokens, decode_tokens, provider, as_js
             click.echo(f"{key:32} {value}")
 
 
+@cli.command()
+@_runtime_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="MINICPMO_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+@click.option("--allowed-local-media", type=click.Path(path_type=Path),
+              help="Folder that local image paths may come from (off by default).")
+@click.option("--allow-private-urls", is_flag=True, help="Let image URLs reach loopback/private addresses.")
+@click.option("--max-queue", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--max-image-bytes", type=click.IntRange(1), default=20 * 1024 * 1024, show_default=True)
+@click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True)
+@click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=600.0, show_default=True)
+@_fail_cleanly
+def serve(model, provider, threads, context_length, host, port, api_key, allowed_local_media,
+          allow_private_urls, max_queue, max_image_bytes, max_image_pixels, request_timeout) -> None:
+    """OpenAI-compatible HTTP server (POST /v1/chat/completions)."""
+    try:
+        from ..runtime.server import ServerSettings
+        from ..runtime.server import serve as run_server
+    except ImportError as e:
+        raise click.ClickException(f"the server needs: pip install 'minicpmo-onnx[server]' ({e})") from e
+    from ..runtime.pipeline import Pipeline
+
+    settings = ServerSettings(model_dir=model, host=host, port=port, api_key=api_key,
+                              allowed_local_media=allowed_local_media, allow_private_urls=allow_private_urls,
+                              max_queue=max_queue, max_image_bytes=max_image_bytes,
+                              max_image_pixels=max_image_pixels, request_timeout=request_timeout)
+    run_server(lambda: Pipeline.load(model, provider=provider, threads=threads, context_length=context_length),
+               settings)
+
+
 def main() -> None:  # pragma: no cover - console script entry
     cli()
 

@@ -162,7 +162,7 @@ def _decode_audio(part: AudioPart, param: str):
     except (binascii.Error, ValueError) as e:
         raise AudioError("input_audio.data is not valid base64", param=f"{param}.data") from e
     try:
-        return decode_audio_bytes(data, part.input_audio.format)
+        return decode_audio_bytes(data, part.input_audio.format, source=param)
     except InputError as e:
         e.param = e.param or param
         raise

@@ -114,6 +114,8 @@ class ChatCompletionRequest(BaseModel):
     store: bool | None = None
     service_tier: str | None = None
     parallel_tool_calls: bool | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # accepted only at their "off" value (see unsupported())
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -122,6 +124,9 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
+    functions: list[dict[str, Any]] | None = None  # the deprecated form of tools
+    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None  # audio output settings
 
 
 def unsupported(req: ChatCompletionRequest) -> tuple[str, str] | None:
@@ -132,14 +137,14 @@ def unsupported(req: ChatCompletionRequest) -> tuple[str, str] | None:
         return "logprobs", "logprobs are not supported by this server"
     if req.logit_bias:
         return "logit_bias", "logit_bias is not supported by this server"
-    if req.tools:
-        return "tools", "tools / function calling are not supported by this server"
-    if req.tool_choice not in (None, "none", "auto"):
+    if req.tools or req.functions:
+        return "tools" if req.tools else "functions", "tools / function calling are not supported by this server"
+    if req.tool_choice not in (None, "none", "auto") or req.function_call not in (None, "none", "auto"):
         return "tool_choice", "tool_choice is not supported by this server"
     if req.response_format and req.response_format.get("type", "text") != "text":
         return "response_format", "only response_format {\"type\": \"text\"} is supported"
-    if req.modalities and set(req.modalities) != {"text"}:
-        return "modalities", "only the \"text\" output modality is supported"
+    if (req.modalities and set(req.modalities) != {"text"}) or req.audio:
+        return "modalities", "only the \"text\" output modality is supported (no audio output)"
     return None
 
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import base64
+import io
+import struct
 import threading
+import wave
+import zlib
 
 import numpy as np
 import pytest
-from minicpmo.runtime.errors import BundleError
+from fastapi.testclient import TestClient
+from minicpmo.runtime.errors import BundleError, MiniCPMOError
+from minicpmo.runtime.server import ServerSettings, create_app, serve
 from PIL import Image
 from server_helpers import (
     N_REPLY_TOKENS,
@@ -235,10 +241,52 @@ def test_image_limits(fake):
         assert_error(chat(c, three), 400, "too_many_images", "messages")
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels but holds almost no data (a decompression-bomb header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_from_the_header(client):
+    bomb = base64.b64encode(_png_header_only(100_000, 100_000)).decode()
+    err = assert_error(chat(client, _url_message("data:image/png;base64," + bomb)), 400, "invalid_image")
+    assert "too large" in err["message"]
+    under_pil_limit = base64.b64encode(_png_header_only(10_000, 5_000)).decode()  # 50 M > our 40 M pixels
+    err = assert_error(chat(client, _url_message("data:image/png;base64," + under_pil_limit)), 400, "invalid_image")
+    assert "10000x5000" in err["message"] and "limit" in err["message"]
+
+
 def test_audio_part_is_a_clear_400(client):
     part = {"type": "input_audio", "input_audio": {"data": "!!!", "format": "wav"}}
     err = assert_error(chat(client, [user(part)]), 400)
     assert err["code"] in ("unsupported_audio", "invalid_audio")
+
+
+def _wav_base64(seconds: float, rate: int = 16000) -> str:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\x00\x10" * int(seconds * rate))
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_audio_part_is_decoded_for_the_pipeline(client, fake):
+    pytest.importorskip("minicpmo.runtime.preprocess.audio")
+    pytest.importorskip("soundfile")
+    pytest.importorskip("soxr")
+    part = {"type": "input_audio", "input_audio": {"data": _wav_base64(0.25), "format": "wav"}}
+    r = chat(client, [user(part, "what do you hear?")], max_tokens=2)
+    assert r.status_code == 200, r.text
+    audio = fake.calls[-1][0][0]["content"][0]
+    assert audio["type"] == "audio" and audio["audio"].dtype == np.float32 and audio["audio"].shape == (4000,)
+    bad = {"type": "input_audio", "input_audio": {"data": _wav_base64(0.1), "format": "midi"}}
+    assert_error(chat(client, [user(bad)]), 400, param="messages[0].content[0].input_audio")
 
 
 def test_pipeline_input_errors_are_400(client):
@@ -286,8 +334,6 @@ def test_health_is_503_while_loading_then_200():
         assert release.wait(10)
         return FakePipeline()
 
-    from fastapi.testclient import TestClient
-    from minicpmo.runtime.server import create_app
 
     app = create_app(slow_factory)
     with TestClient(app) as c:
@@ -308,3 +354,19 @@ def test_failed_load_is_reported():
         r = c.get("/health")
         assert r.status_code == 503 and "manifest.json is missing" in r.json()["message"]
         assert_error(chat(c, [{"role": "user", "content": "x"}]), 503, "model_load_failed", text="manifest.json")
+
+
+def test_serve_stops_and_raises_when_the_model_fails_to_load():
+    def broken_factory():
+        raise BundleError("manifest.json is missing")
+
+    with pytest.raises(MiniCPMOError, match="manifest.json is missing"):
+        serve(broken_factory, ServerSettings(port=0))
+
+
+def test_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="not a folder"):
+        ServerSettings(allowed_local_media=tmp_path / "missing")
+    with pytest.raises(ValueError, match="max_queue"):
+        ServerSettings(max_queue=0)
+    assert ServerSettings(allowed_local_media=tmp_path / ".").allowed_local_media == tmp_path.resolve()

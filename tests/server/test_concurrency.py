@@ -44,12 +44,12 @@ def test_disconnect_mid_stream_closes_the_generation_and_frees_the_worker():
         t0 = time.monotonic()
         stream.close()
         assert fake.closed_event.wait(2.0), "the generator was not closed after the client left"
-        assert time.monotonic() - t0 < 1.0  # within one decode step (+ detection), not the 3 s left
+        assert time.monotonic() - t0 < 1.5  # within one decode step (+ detection), not the 3 s left
         assert fake.closed_early == ["user:text:first"]
         r = httpx.post(f"{url}/v1/chat/completions", json=body("second", max_tokens=2), timeout=5)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == reply_for(
             [{"role": "user", "content": "second"}], 2)
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 2.5
         assert 'minicpmo_generations_cancelled_total 1' in httpx.get(f"{url}/metrics").text
 
 
