@@ -19,10 +19,7 @@ from tokenizers import Tokenizer
 
 from ..runtime import manifest as mf
 
-try:
-    from .checkpoint import Checkpoint, open_checkpoint
-except ImportError:  # TEMP
-    Checkpoint = object
+from .checkpoint import Checkpoint, open_checkpoint
 from .audio import INPUTS as AUDIO_INPUTS
 from .audio import OUTPUT as AUDIO_OUTPUT
 from .audio import build_audio_graph, chunk_frames
