@@ -18,11 +18,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..runtime import manifest as mf
-
-from .checkpoint import Checkpoint, open_checkpoint
 from .audio import INPUTS as AUDIO_INPUTS
 from .audio import OUTPUT as AUDIO_OUTPUT
 from .audio import build_audio_graph, chunk_frames
+from .checkpoint import Checkpoint, open_checkpoint
 from .decoder import IO as DECODER_IO
 from .decoder import build_decoder_graph
 from .graph import GraphBuilder
