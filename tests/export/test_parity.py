@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 torch = pytest.importorskip("torch")
 
@@ -15,21 +14,13 @@ from minicpmo.export.reference import load_weights, reference_chat, reference_im
 from minicpmo.export.reference.pipeline import reference_prefill_logits  # noqa: E402
 from minicpmo.runtime.pipeline import Pipeline  # noqa: E402
 from minicpmo.runtime.types import GenerationParams  # noqa: E402
+from synthetic_media import make_image  # noqa: E402
 
 # (width, height): aspect ratios that give different slice grids (see ARCH §3)
 SIZES = {
     "square": (640, 640), "4:3 small": (200, 150), "5:2": (1000, 400), "1:3": (300, 900),
     "3:2 large": (1344, 896), "10:1": (1400, 140), "20x20": (20, 20),
 }
-
-
-def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A smooth picture with some texture (not pure noise: resizes must matter)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([127 + 120 * np.sin(x / (7 + 3 * c) + y / (11 + c) + c) for c in range(3)], -1)
-    pix = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-    return Image.fromarray(pix, "RGB")
 
 
 def to_reference_messages(messages):

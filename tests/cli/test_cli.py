@@ -1,0 +1,117 @@
+"""The `minicpmo` command line, end to end on tiny bundles, as a user runs it (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_IMAGE = REPO / "cli" / "assets" / "demo.png"
+
+
+def minicpmo(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "minicpmo.cli.main", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"minicpmo {' '.join(map(str, args))} failed:\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("command", ["synth", "export", "infer", "chat", "serve", "bench"])
+def test_help(command):
+    out = minicpmo(command, "--help").stdout
+    assert "Usage:" in out
+
+
+def test_infer_json_is_deterministic_and_greedy(fp32_bundle):
+    args = ["infer", "--model", fp32_bundle, "--image", DEMO_IMAGE, "--prompt", "What is this?",
+            "--max-tokens", "12", "--json"]
+    first = json.loads(minicpmo(*args).stdout)
+    again = json.loads(minicpmo(*args).stdout)
+    assert first == {**again, "usage": first["usage"]}
+    assert set(first) == {"text", "token_ids", "prompt_token_ids", "usage"}
+    assert 1 <= len(first["token_ids"]) <= 12
+    assert first["usage"]["prompt_tokens"] == len(first["prompt_token_ids"])
+    assert first["usage"]["completion_tokens"] == len(first["token_ids"])
+    assert first["usage"]["decode_tokens_per_s"] > 0
+
+
+def test_infer_streams_text_to_stdout_and_stats_to_stderr(int4_bundle):
+    proc = minicpmo("infer", "--model", int4_bundle, "--image", DEMO_IMAGE, "--prompt", "Describe it.",
+                    "--max-tokens", "8", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "50", "--seed", "3")
+    assert proc.stdout.strip()
+    assert "prompt tokens" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sampling_with_a_seed_repeats(int4_bundle):
+    args = ["infer", "--model", int4_bundle, "--prompt", "Hi", "--max-tokens", "10", "--temperature", "1.0",
+            "--seed", "7", "--json"]
+    assert json.loads(minicpmo(*args).stdout)["token_ids"] == json.loads(minicpmo(*args).stdout)["token_ids"]
+
+
+def test_chat_commands(fp32_bundle, tmp_path):
+    script = "\n".join([
+        "Hello there",
+        f"\\image {DEMO_IMAGE} What is in the picture?",
+        "And the colours?",
+        "\\bogus",
+        "\\image /no/such/file.png",
+        "\\system You are terse.",
+        "Again",
+        "\\clear",
+        "\\exit",
+    ]) + "\n"
+    proc = minicpmo("chat", "--model", fp32_bundle, "--max-tokens", "6", input=script)
+    assert "Traceback" not in proc.stderr
+    assert "commands:" in proc.stderr  # \bogus shows the help
+    assert "error:" in proc.stderr  # the missing image is reported, the chat goes on
+    assert "conversation cleared" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["infer", "--model", "/no/such/bundle", "--prompt", "x"], "not a bundle folder"),
+    (["export", "/no/such/checkpoint"], "no/such/checkpoint"),
+])
+def test_bad_paths_are_one_line_errors(args, message):
+    proc = minicpmo(*args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_broken_image_is_a_clean_error(fp32_bundle, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(DEMO_IMAGE.read_bytes()[:200])
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    for path in (bad, empty, text):
+        proc = minicpmo("infer", "--model", fp32_bundle, "--image", path, "--prompt", "x", check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_prompt_past_the_context_is_a_clean_error(fp32_bundle):
+    proc = minicpmo("infer", "--model", fp32_bundle, "--prompt", "word " * 300, "--context", "64", check=False)
+    assert proc.returncode == 1
+    assert "context" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_synth_export_infer_with_the_builtin_tokenizer(tmp_path):
+    """The demo path: no ../shared, the project's own small tokenizer, int4 export, infer."""
+    ckpt, bundle = tmp_path / "ckpt", tmp_path / "bundle"
+    minicpmo("synth", ckpt, "--size", "tiny", "--no-audio")
+    minicpmo("export", ckpt, "-o", bundle)
+    proc = minicpmo("export", ckpt, "-o", bundle, check=False)
+    assert proc.returncode == 1 and "--overwrite" in proc.stderr
+    out = json.loads(minicpmo("infer", "--model", bundle, "--image", DEMO_IMAGE, "--prompt", "What?",
+                              "--max-tokens", "5", "--json").stdout)
+    assert out["usage"]["completion_tokens"] >= 1
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert "audio" not in manifest and manifest["options"]["precision"] == "int4"
