@@ -289,8 +289,10 @@ class Checkpoint:
         """Check every tensor the given parts need (name, shape, dtype) and that the files are whole;
         raise CheckpointError naming the first problem. `tts.*` is ignored; `apm.*` and
         `audio_projection_layer.*` matter only when "audio" is in parts; any other unknown key is an error."""
-        for path in self._files:
-            read_header(path)  # re-checks sizes: files may have changed since opening
+        for path in self._files:  # files may have changed since opening
+            if not path.is_file():
+                raise CheckpointError(f"{path.name}: missing")
+            read_header(path)
         want = expected_tensors(self.config, parts)
         for name, shape in want.items():
             info = self.info(name)

@@ -21,7 +21,7 @@ from ..preprocess.image import load_image, open_image_bytes
 from ..preprocess.image_io import short
 from ..types import Message
 from .fetch import FetchPolicy, fetch_url
-from .schemas import AudioPart, ChatMessage, ImagePart, TextPart
+from .schemas import AudioPart, ChatMessage, ImagePart, TextPart, VideoPart
 from .settings import ServerSettings
 
 _MAX_PATH_CHARS = 4096
@@ -60,7 +60,7 @@ def to_runtime_messages(messages: list[ChatMessage], policy: MediaPolicy) -> lis
     return out
 
 
-def _part(part: TextPart | ImagePart | AudioPart, policy: MediaPolicy, param: str) -> dict:
+def _part(part: TextPart | ImagePart | AudioPart | VideoPart, policy: MediaPolicy, param: str) -> dict:
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
     if isinstance(part, ImagePart):
@@ -70,6 +70,15 @@ def _part(part: TextPart | ImagePart | AudioPart, policy: MediaPolicy, param: st
         except InputError as e:
             e.param = param
             raise
+    if isinstance(part, VideoPart):
+        frames = []
+        for k, url in enumerate(part.video_frames.frames):
+            try:
+                frames.append(load_image_url(url, policy))
+            except InputError as e:
+                e.param = f"{param}.video_frames.frames[{k}]"
+                raise
+        return {"type": "video", "frames": frames, "max_slices": part.video_frames.max_slices}
     return {"type": "audio", "audio": _decode_audio(part, f"{param}.input_audio")}
 
 

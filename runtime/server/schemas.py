@@ -56,7 +56,22 @@ class AudioPart(BaseModel):
     input_audio: InputAudio
 
 
-UserPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+class VideoFrames(BaseModel):
+    model_config = _STRICT
+    frames: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, max_length=64, description="the frames in order, each like image_url.url")
+    max_slices: Literal[1, 2] = 2
+
+
+class VideoPart(BaseModel):
+    """Extension (not in the OpenAI API): a video as sampled frames, fed as the model card does."""
+
+    model_config = _STRICT
+    type: Literal["video_frames"]
+    video_frames: VideoFrames
+
+
+UserPart = Annotated[TextPart | ImagePart | AudioPart | VideoPart, Field(discriminator="type")]
 
 
 class SystemMessage(BaseModel):

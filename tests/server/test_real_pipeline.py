@@ -13,9 +13,8 @@ from pathlib import Path
 import openai
 import pytest
 import soundfile as sf
-from server_helpers import running_server
-
 from minicpmo.runtime.pipeline import Pipeline
+from server_helpers import running_server
 from synthetic_media import tone
 
 DEMO_IMAGE = Path(__file__).resolve().parents[2] / "cli" / "assets" / "demo.png"
@@ -71,3 +70,23 @@ def test_context_overflow_is_a_400(server):
         server.chat.completions.create(model=server.models.list().data[0].id, max_tokens=4,
                                        messages=[{"role": "user", "content": "word " * 5000}])
     assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_video_frames_extension(server, int4_bundle, tmp_path):
+    """The documented extension part: frames as image URLs, fed like `infer --frames DIR`."""
+    from synthetic_media import make_image
+
+    frames = [make_image(320, 240, seed=k) for k in range(3)]
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    uris = []
+    for k, frame in enumerate(frames):
+        frame.save(folder / f"{k:03d}.png")
+        uris.append("data:image/png;base64," + base64.b64encode((folder / f"{k:03d}.png").read_bytes()).decode())
+    expected = _infer(int4_bundle, "--frames", str(folder), "--prompt", "What happens?", "--max-tokens", "6")
+    reply = server.chat.completions.create(
+        model=server.models.list().data[0].id, max_tokens=6, temperature=0,
+        messages=[{"role": "user", "content": [{"type": "video_frames", "video_frames": {"frames": uris}},
+                                               {"type": "text", "text": "What happens?"}]}])
+    assert reply.choices[0].message.content == expected["text"]
+    assert reply.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
