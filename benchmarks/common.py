@@ -24,6 +24,7 @@ PROMPT_VOCAB = 100_000  # prompt ids are drawn below this (and below the vocab s
 MAX_FOREIGN_LOAD = 0.25  # cores used by other processes during a repeat before it is redone
 MAX_RETRIES = 6
 RETRY_PAUSE_S = 5.0
+QUIET_WAIT_S = float(os.environ.get("BENCH_QUIET_WAIT_S", 900))  # 0: do not wait
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,6 @@ def prompt_ids(n: int, vocab_size: int, seed: int = 0):
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def summarize(proto: Protocol, prefill_s: list[float], decode_s: list[float]) -> dict:
@@ -93,6 +88,23 @@ def _own_cpu_s() -> float:
     return t.user + t.system
 
 
+def wait_for_quiet(name: str, window_s: float = 2.0) -> float:
+    """Sleep until other processes use less than MAX_FOREIGN_LOAD cores over `window_s` (at most
+    QUIET_WAIT_S); returns the seconds waited."""
+    waited, warned = 0.0, False
+    while waited < QUIET_WAIT_S:
+        with ForeignLoad() as load:
+            time.sleep(window_s)
+        if load.cores <= MAX_FOREIGN_LOAD:
+            break
+        if not warned:
+            log.warning("%s: other processes use %.2f cores: waiting for a quiet machine (at most %.0f s)",
+                        name, load.cores, QUIET_WAIT_S)
+            warned = True
+        waited += window_s
+    return waited
+
+
 def run_repeats(proto: Protocol, prefill: Callable[[object], object], decode: Callable[[object], None],
                 name: str, setup: Callable[[], object] = lambda: None) -> dict:
     """`repeats` times: state = setup() (untimed), then prefill(state) -> s2, then decode(s2) (timed).
@@ -101,6 +113,7 @@ def run_repeats(proto: Protocol, prefill: Callable[[object], object], decode: Ca
     (at most MAX_RETRIES times in all): on 2 shared cores, one busy neighbour can halve a figure."""
     prefill_s, decode_s, loads, retries = [], [], [], 0
     while len(decode_s) < proto.repeats:
+        wait_for_quiet(name)
         ready = setup()
         with ForeignLoad() as load:
             t0 = time.perf_counter()

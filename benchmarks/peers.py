@@ -53,8 +53,8 @@ MEMORY_PER_PARAM = {"ortgenai": 4.2, "torch-fp32": 4.1, "torch-bf16": 2.1}
 
 class Runner:
     def __init__(self, ckpt: Path, work: Path, proto: Protocol, reuse: bool, timeout_s: float | None,
-                 force: bool, acc_level: int):
-        self.ckpt, self.work, self.proto = ckpt, work, proto
+                 force: bool, acc_level: int, prepare_only: bool = False):
+        self.ckpt, self.work, self.proto, self.prepare_only = ckpt, work, proto, prepare_only
         self.reuse, self.timeout_s, self.force, self.acc_level = reuse, timeout_s, force, acc_level
         self.dims: dict = {}
 
@@ -90,6 +90,8 @@ class Runner:
             return row | {"error": f"preparation: {prep.get('error', 'failed')}"}
         row["file_bytes"] = prep.get("file_bytes")
         row["weight_bytes_per_token"] = prep.get("weight_bytes_per_token")
+        if self.prepare_only:
+            return row | {"skipped": "--prepare-only"}
         res = self.worker(f"{peer.family}_measure", self._measure_args(peer, prep))
         if "error" in res:
             return row | {"error": f"measurement: {res['error']}"}
@@ -176,6 +178,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bandwidth-gib", type=float, default=2.0)
     p.add_argument("--timeout", type=float, help="seconds allowed to each step (default: none)")
     p.add_argument("--reuse", action="store_true", help="keep earlier exports/conversions found in --work")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="export/convert/quantize only (then measure later with --reuse)")
     p.add_argument("--force", action="store_true", help="try steps that look too big for this machine's memory")
     p.add_argument("--clean", action="store_true", help="delete the work folder at the end")
     p.add_argument("--json", action="store_true", help="print the full results as JSON instead of the table")
@@ -194,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     proto = Protocol(args.prompt_tokens, args.decode_tokens, args.repeats, args.threads)
     runner = Runner(args.checkpoint.resolve(), work, proto, args.reuse, args.timeout, args.force,
-                    args.accuracy_level)
+                    args.accuracy_level, args.prepare_only)
     t0 = time.time()
     runner.dims = _checkpoint_dims(runner)
-    bw = runner.worker("bandwidth", {"threads": args.threads, "gib": args.bandwidth_gib})
+    bw = {} if args.prepare_only else runner.worker("bandwidth", {"threads": args.threads,
+                                                                 "gib": args.bandwidth_gib})
     rows = []
     for key in keys:
         rows.append(runner.run(key, PEERS[key]))

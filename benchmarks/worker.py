@@ -20,7 +20,9 @@ def _proto(a: dict) -> Protocol:
 
 def bandwidth(a: dict) -> dict:
     from .bandwidth import read_bandwidth
+    from .common import wait_for_quiet
 
+    wait_for_quiet("bandwidth")
     return read_bandwidth(a["threads"], a.get("gib", 2.0), a.get("repeats", 5))
 
 

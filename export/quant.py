@@ -26,24 +26,30 @@ class QuantizedWeight:
     k: int
 
 
-def quantize_weight(weight: np.ndarray, bits: int, block_size: int) -> QuantizedWeight:
-    """Asymmetric round-to-nearest block quantization of W[N, K] along K (ORT's default algorithm)."""
+def quantize_weight(weight: np.ndarray, bits: int, block_size: int, rows_per_chunk: int = 8192) -> QuantizedWeight:
+    """Asymmetric round-to-nearest block quantization of W[N, K] along K (ORT's default algorithm).
+
+    Blocks run along K, so rows are independent: quantizing `rows_per_chunk` rows at a time keeps the
+    fp32 transposed copy ORT's routine needs small (the 151700-row lm_head would need 2.2 GB at once).
+    """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
     n, k = weight.shape
     n_blocks = (k + block_size - 1) // block_size
-    blob = block_size * bits // 8
-    # ORT's routine takes the MatMul B matrix [K, N] (x @ B), i.e. W transposed, in fp32.
-    b = np.ascontiguousarray(weight.T, dtype=np.float32)
-    packed = np.zeros((n, n_blocks, blob), dtype=np.uint8)
-    scales = np.zeros((n * n_blocks,), dtype=np.float32)
     zp_cols = (n_blocks * bits + 7) // 8
-    zero_points = np.zeros((n * zp_cols,), dtype=np.uint8)
+    packed = np.zeros((n, n_blocks, block_size * bits // 8), dtype=np.uint8)
+    scales = np.zeros((n, n_blocks), dtype=np.float32)
+    zero_points = np.zeros((n, zp_cols), dtype=np.uint8)
     fn = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
-    fn(packed, b, scales, zero_points, block_size, n, k, False)  # False: asymmetric (zero points)
-    return QuantizedWeight(packed, scales, zero_points, bits, block_size, n, k)
+    for start in range(0, n, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n)
+        # ORT's routine takes the MatMul B matrix [K, N] (x @ B), i.e. W transposed, in fp32.
+        b = np.ascontiguousarray(weight[start:stop].T, dtype=np.float32)
+        p, sc, zp = packed[start:stop], scales[start:stop], zero_points[start:stop]
+        fn(p, b, sc, zp, block_size, stop - start, k, False)  # False: asymmetric (zero points)
+    return QuantizedWeight(packed, scales.reshape(-1), zero_points.reshape(-1), bits, block_size, n, k)
 
 
 def dequantize_weight(q: QuantizedWeight) -> np.ndarray:
