@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
+
 from minicpmo.export.checkpoint import (
     INDEX_FILE,
     CheckpointError,
@@ -17,7 +19,6 @@ from minicpmo.export.checkpoint import (
 )
 from minicpmo.export.hf_config import ConfigError
 from minicpmo.export.synth import write_synthetic_checkpoint
-from safetensors.numpy import save_file
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from PIL import Image  # noqa: E402
+
 from minicpmo.export.hf_config import parse_config  # noqa: E402
 from minicpmo.export.reference import decoder as dec  # noqa: E402
 from minicpmo.export.reference import preprocess as pp  # noqa: E402
@@ -17,7 +19,6 @@ from minicpmo.export.reference.prompt import build_prompt  # noqa: E402
 from minicpmo.export.reference.resampler import get_2d_sincos_pos_embed, resampler_forward  # noqa: E402
 from minicpmo.export.reference.vision import navit_position_ids, siglip_forward  # noqa: E402
 from minicpmo.export.reference.weights import load_weights  # noqa: E402
-from PIL import Image  # noqa: E402
 
 TOKENIZER = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "tokenizer"
 HAVE_TOKENIZER = (TOKENIZER / "tokenizer.json").is_file()

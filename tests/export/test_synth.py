@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
 from minicpmo.export.checkpoint import INDEX_FILE, CheckpointError, expected_tensors, open_checkpoint
 from minicpmo.export.hf_config import load_config
 from minicpmo.export.synth import (
@@ -19,8 +22,6 @@ from minicpmo.export.synth import (
     write_synthetic_checkpoint,
 )
 from minicpmo.export.synth_tokenizer import build_tokenizer, upstream_tokenizer_metadata
-from safetensors import safe_open
-from tokenizers import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference"
 WEIGHT_SHAPES = SHARED / "weight_shapes.txt"

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+
 from minicpmo.runtime.errors import AudioError
 from minicpmo.runtime.preprocess import audio as A
 

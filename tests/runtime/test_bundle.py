@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+
 from minicpmo.runtime.errors import BundleError
 from minicpmo.runtime.manifest import load_manifest
 from minicpmo.runtime.pipeline import Pipeline

@@ -13,9 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from minicpmo.runtime.errors import ImageError, InputError
 from minicpmo.runtime.preprocess.image import load_image, open_image_bytes
-from PIL import Image
 
 
 def encoded(fmt: str = "PNG", size=(23, 17), mode: str = "RGB", **save) -> bytes:

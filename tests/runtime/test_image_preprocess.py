@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from minicpmo.runtime.errors import BundleError
 from minicpmo.runtime.preprocess.image import (
     SlicingParams,
@@ -18,7 +20,6 @@ from minicpmo.runtime.preprocess.image import (
     slice_image,
     to_patches,
 )
-from PIL import Image
 
 P = SlicingParams()
 TOKENS = {"im_start": "<image>", "im_end": "</image>", "slice_start": "<slice>", "slice_end": "</slice>",

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from minicpmo.runtime.errors import BundleError, InputError
 from minicpmo.runtime.preprocess.image import SlicingParams
 from minicpmo.runtime.preprocess.prompt import build_prompt, message_text, render_chat
 from minicpmo.runtime.tokenizer import Tokenizer
-from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 TOKENIZER_DIR = SHARED / "reference" / "tokenizer"

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from minicpmo.runtime.errors import InputError
 from minicpmo.runtime.sampler import (
     apply_penalties,

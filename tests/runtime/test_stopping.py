@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from minicpmo.runtime.errors import InputError
 from minicpmo.runtime.stopping import StopMatcher
 

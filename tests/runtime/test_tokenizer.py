@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from minicpmo.runtime.errors import BundleError, InputError
 from minicpmo.runtime.tokenizer import StreamingDetokenizer, Tokenizer
 

@@ -13,6 +13,7 @@ pytest.importorskip("uvicorn")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # server_helpers, whatever pytest's import mode
 
 from fastapi.testclient import TestClient  # noqa: E402
+
 from server_helpers import FakePipeline, image_server, make_image, png_bytes, started_client  # noqa: E402
 
 

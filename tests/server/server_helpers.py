@@ -18,10 +18,11 @@ from collections.abc import Iterator
 import httpx
 import uvicorn
 from fastapi.testclient import TestClient
+from PIL import Image
+
 from minicpmo.runtime.errors import ContextLengthError, InputError
 from minicpmo.runtime.server import ServerSettings, create_app
 from minicpmo.runtime.types import GenerationChunk, GenerationParams, Message, Usage
-from PIL import Image
 
 N_REPLY_TOKENS = 16  # a full reply has this many tokens, then finish_reason "stop"
 

@@ -12,9 +12,10 @@ import zlib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
+
 from minicpmo.runtime.errors import BundleError, MiniCPMOError
 from minicpmo.runtime.server import ServerSettings, create_app, serve
-from PIL import Image
 from server_helpers import (
     N_REPLY_TOKENS,
     FakePipeline,

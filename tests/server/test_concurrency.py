@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+
 from server_helpers import FakePipeline, reply_for, running_server, sse_events, wait_until
 
 STEP = 0.2  # seconds per fake decode step; a full reply (16 tokens) takes 3.2 s

@@ -12,6 +12,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from minicpmo.runtime.server import ServerSettings, create_app
 from server_helpers import FakePipeline, data_uri, make_image, started_client
 

@@ -7,6 +7,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+
 from minicpmo.runtime.errors import ImageError
 from minicpmo.runtime.server import fetch
 from minicpmo.runtime.server.fetch import FetchPolicy, fetch_url, is_private_address, resolve_checked

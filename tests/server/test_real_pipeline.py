@@ -13,6 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 import soundfile as sf
+
 from minicpmo.runtime.pipeline import Pipeline
 from server_helpers import running_server
 from synthetic_media import tone
