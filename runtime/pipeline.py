@@ -60,7 +60,8 @@ class Pipeline:
                           io_names=dec["io"], device=device)
         self.decoder = Decoder(session, dec["io"], self.kv, dec["vocab_size"])
         vis = manifest["vision"]
-        self.vision = VisionEncoder(create_session(manifest.path(vis["file"]), self.provider, threads),
+        self.vision = VisionEncoder(create_session(manifest.path(vis["file"]), self.provider, threads,
+                                                   memory_arena=False),
                                     self.params, vis["batch_size"], image_cache_bytes)
         self.tts_template = manifest.path(tok["tts_chat_template"]).read_text(encoding="utf-8")
         self.token_ids = tok["token_ids"]
@@ -70,7 +71,8 @@ class Pipeline:
 
             aud = manifest["audio"]
             self.audio_info = aud
-            self.audio = AudioEncoder(create_session(manifest.path(aud["file"]), self.provider, threads),
+            self.audio = AudioEncoder(create_session(manifest.path(aud["file"]), self.provider, threads,
+                                                     memory_arena=False),
                                       chunk_frames=aud["chunk_frames"], pool_step=aud["pool_step"])
         self.last_prompt_ids: list[int] = []
         self.load_seconds = time.perf_counter() - t0

@@ -35,8 +35,11 @@ def default_threads() -> int:
 
 
 def create_session(path: Path, provider: str, threads: int | None = None,
-                   profile_prefix: str | None = None) -> ort.InferenceSession:
+                   profile_prefix: str | None = None, memory_arena: bool = True) -> ort.InferenceSession:
+    """One session per graph. memory_arena=False for the encoders: a 10-slice image needs GBs of
+    activations once, and an arena would keep them for the life of the process."""
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = memory_arena
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

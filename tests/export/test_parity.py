@@ -140,3 +140,25 @@ def test_quantized_logits_close_to_fp32(bundle_fixture, case, request, fp32_pipe
     messages = CONVERSATIONS[case]
     fp32_pipe.kv.reset()
     assert _cosine(_first_logits(pipe, messages), _first_logits(fp32_pipe, messages)) >= 0.99
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_cheaper_encoder_precision_keeps_cosine(precision, tmp_path_factory, tiny_checkpoint, fp32_pipe):
+    """Vision (and audio) at fp16 / dynamic int8 stay within cosine 0.995 of fp32, per slice / token."""
+    from minicpmo.export.bundle import export_bundle
+    from minicpmo.export.options import ExportOptions
+    from synthetic_media import tone
+
+    out = tmp_path_factory.mktemp("bundles") / f"vision-{precision}"
+    export_bundle(tiny_checkpoint, out, ExportOptions(vision_precision=precision), progress=lambda *a: None)
+    pipe = Pipeline.load(out, provider="cpu")
+    for name in ("square", "10:1"):
+        img = make_image(*SIZES[name], seed=3)
+        ours = pipe.vision.encode(pipe.vision.prepare(img)).reshape(-1, 64 * fp32_pipe.embed.hidden_size)
+        ref = fp32_pipe.vision.encode(fp32_pipe.vision.prepare(img)).reshape(ours.shape)
+        cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
+        assert cos.min() >= 0.995, (name, cos)
+    clip = tone(2.0)
+    a, b = pipe.audio.encode(clip), fp32_pipe.audio.encode(clip)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.99
