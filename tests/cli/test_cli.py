@@ -56,9 +56,19 @@ def test_sampling_with_a_seed_repeats(int4_bundle):
 
 
 def test_chat_commands(fp32_bundle, tmp_path):
+    import soundfile as sf
+
+    from synthetic_media import make_image, tone
+
+    sf.write(tmp_path / "clip.wav", tone(1.2), 16000)
+    (tmp_path / "frames").mkdir()
+    for k in range(2):
+        make_image(160, 120, seed=k).save(tmp_path / "frames" / f"{k}.png")
     script = "\n".join([
         "Hello there",
         f"\\image {DEMO_IMAGE} What is in the picture?",
+        f"\\audio {tmp_path / 'clip.wav'} What do you hear?",
+        f"\\video {tmp_path / 'frames'} What happens?",
         "And the colours?",
         "\\bogus",
         "\\image /no/such/file.png",
@@ -72,6 +82,7 @@ def test_chat_commands(fp32_bundle, tmp_path):
     assert "commands:" in proc.stderr  # \bogus shows the help
     assert "error:" in proc.stderr  # the missing image is reported, the chat goes on
     assert "conversation cleared" in proc.stderr
+    assert proc.stderr.count("error:") == 1  # only the missing image: audio and video turns worked
 
 
 @pytest.mark.parametrize("args, message", [
