@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -121,13 +122,19 @@ def _environment() -> ImmutableSandboxedEnvironment:
 _ENV = _environment()
 
 
+@functools.lru_cache(maxsize=8)
+def _compile(chat_template: str):
+    """Compiling a template costs ~8 ms; a bundle has one or two, so compile each once."""
+    try:
+        return _ENV.from_string(chat_template)
+    except TemplateError as e:
+        raise BundleError(f"chat template does not compile: {e}") from e
+
+
 def render_chat(messages: list[dict[str, Any]], chat_template: str, add_generation_prompt: bool = True,
                 **template_kwargs: Any) -> str:
     """Render text-only messages ({"role", "content": str}) with a Hugging Face chat template."""
-    try:
-        template = _ENV.from_string(chat_template)
-    except TemplateError as e:
-        raise BundleError(f"chat template does not compile: {e}") from e
+    template = _compile(chat_template)
     try:
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                **template_kwargs)
