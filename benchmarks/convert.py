@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+
 from minicpmo.export.checkpoint import TOKENIZER_FILES, Checkpoint
 
 log = logging.getLogger("benchmarks.convert")

@@ -20,6 +20,7 @@ DTYPES = ("fp32", "bf16")
 class TorchQwen2:
     def __init__(self, ckpt_dir: Path, dtype: str, max_len: int):
         import torch
+
         from minicpmo.export.checkpoint import open_checkpoint
 
         ckpt = open_checkpoint(ckpt_dir)

@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import statistics
+
 from .common import Protocol
 
 
+def merge_rounds(rows: list[dict]) -> dict:
+    """One row per peer from its rounds: median speeds, highest peak RSS, every round kept."""
+    ok = [r for r in rows if "decode_tok_s" in r]
+    if not ok:
+        return rows[-1]
+    out = dict(ok[0])
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        out[key] = round(statistics.median(r[key] for r in ok), 2)
+    out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in ok)
+    probes = [r["bandwidth_probe"]["best_bytes_per_s"] for r in ok if "bandwidth_probe" in r]
+    if probes:
+        out["bandwidth_probe"] = {"best_bytes_per_s": statistics.median(probes)}
+    out["rounds"] = [{k: r.get(k) for k in ("prefill_tok_s", "decode_tok_s", "prefill_seconds", "decode_seconds",
+                                            "foreign_load_cores", "busy_retries", "bandwidth_probe")} for r in rows]
+    return out
+
+
 def add_ratios(rows: list[dict], bandwidth: float | None, proto: Protocol) -> None:
-    """Add decode ceiling, % of ceiling and ours/peer ratios to the measured rows (in place)."""
+    """Add decode ceiling, % of ceiling and ours/peer ratios to the measured rows (in place).
+
+    The ceiling uses the row's own bandwidth probes when it has them, else `bandwidth`."""
     for r in rows:
-        if "decode_tok_s" not in r or not bandwidth or not r.get("weight_bytes_per_token"):
+        bw = r.get("bandwidth_probe", {}).get("best_bytes_per_s") or bandwidth
+        if "decode_tok_s" not in r or not bw or not r.get("weight_bytes_per_token"):
             continue
         kv = r.get("kv_bytes_per_position", 0) * proto.mean_decode_length
         r["bytes_per_token"] = int(r["weight_bytes_per_token"] + kv)
-        r["ceiling_tok_s"] = round(bandwidth / r["bytes_per_token"], 2)
+        r["ceiling_tok_s"] = round(bw / r["bytes_per_token"], 2)
         r["decode_pct_of_ceiling"] = round(100 * r["decode_tok_s"] / r["ceiling_tok_s"], 1)
     ours = next((r for r in rows if r["family"] == "ours" and "decode_tok_s" in r), None)
     if ours is None:
@@ -41,13 +63,15 @@ def _row(r: dict) -> str:
 
 def markdown_table(result: dict) -> str:
     p, d, bw = result["protocol"], result["dims"], result["bandwidth"]
+    rounds = result.get("rounds", 1)
     lines = [
         f"LLM: {d['num_layers']} layers, hidden {d['hidden_size']}, ffn {d['intermediate_size']}, "
         f"vocab {d['vocab_size']} ({d['llm_params'] / 1e9:.2f}e9 parameters); {p['threads']} threads; "
         f"prefill {p['prompt_tokens']} tokens, then decode {p['decode_tokens']} tokens; "
-        f"medians of {p['repeats']}.",
+        f"medians of {p['repeats']} repeats" + (f" x {rounds} rounds (alternating order)." if rounds > 1 else "."),
         f"Read bandwidth ({bw.get('threads')} threads): best {bw.get('best_bytes_per_s', 0) / 1e9:.1f} GB/s, "
-        f"median {bw.get('median_bytes_per_s', 0) / 1e9:.1f} GB/s (the ceiling uses the best).",
+        f"median {bw.get('median_bytes_per_s', 0) / 1e9:.1f} GB/s at the start; each row's ceiling uses the "
+        "best of probes taken just before and after its own measurement (bandwidth drifts here).",
         "",
         "| peer | prefill tok/s | decode tok/s | decode % of its ceiling (tok/s) | peak RSS | file size "
         "| prefill ours/peer | decode ours/peer | prepare time / peak RSS |",

@@ -6,6 +6,7 @@ Data goes to stdout, logs and errors to stderr; a bad input is one `error: ...` 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from pathlib import Path
@@ -78,6 +79,10 @@ def export(checkpoint: str, output: Path | None, precision: str, lm_head_precisi
                          accuracy_level=accuracy_level, audio=not no_audio)
     with ProgressPrinter() as progress:
         out = export_bundle(checkpoint, output, opts, overwrite=overwrite, progress=progress)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    q, size = manifest["quantization"], sum(f["bytes"] for f in manifest["files"].values())
+    click.echo(f"bundle: {size / 1e9:.2f} GB; weight reconstruction error (relative Frobenius) "
+               f"mean {q['relative_error_mean']:.4f}, max {q['relative_error_max']:.4f}", err=True)
     click.echo(str(out))
 
 
