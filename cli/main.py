@@ -62,7 +62,7 @@ def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path |
 @click.option("--lm-head-precision", type=click.Choice(["int4", "int8", "fp32"]),
               help="Default: int8 under int4, else the same as --precision.")
 @click.option("--vision-precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
-@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True)
 @click.option("--no-audio", is_flag=True, help="Do not export the audio encoder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")

@@ -14,7 +14,9 @@ class ExportOptions:
     precision: str = "int4"  # decoder linear layers
     lm_head_precision: str | None = None  # None: int8 under int4, else the same as `precision`
     vision_precision: str = "fp32"  # vision encoder + resampler (+ audio encoder)
-    block_size: int = 32
+    # 64: the bytes (4.56 bits/weight) and the reconstruction error of llama.cpp Q4_0 (measured in
+    # benchmarks/RESULTS.md); 32 is more exact and 13% bigger, 128 is 7% smaller and less exact.
+    block_size: int = 64
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 0 = fp32
     audio: bool = True  # export the audio encoder when the checkpoint has one
     verify: bool = True  # run the parity check of each graph against the torch reference
