@@ -145,17 +145,12 @@ def _write_encoder(folder: Path, name: str, opts: ExportOptions, build) -> Graph
 
 
 def _write_embeddings(ckpt: Checkpoint, path: Path) -> dict:
-    """Store embed_tokens exactly: BF16 sources as raw bf16 bits (uint16), F16 as float16, F32 as float32."""
+    """Store embed_tokens exactly as the checkpoint holds it (BF16 as its raw 16-bit patterns), copied
+    without a float32 detour: the real table is 1.1 GB in bf16 and would be 2.2 GB more in float32."""
     key = "llm.model.embed_tokens.weight"
-    src = ckpt.dtype(key)
-    table = ckpt.read(key)  # float32, exact for every source dtype
-    if src == "BF16":
-        dtype, arr = "bfloat16", (table.view(np.uint32) >> 16).astype(np.uint16)
-    elif src == "F16":
-        dtype, arr = "float16", table.astype(np.float16)
-    else:
-        dtype, arr = "float32", table
-    np.save(path, arr)
+    table = ckpt.read_raw(key)
+    dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[ckpt.dtype(key)]
+    np.save(path, table)
     return {"file": path.name, "dtype": dtype, "shape": list(table.shape)}
 
 

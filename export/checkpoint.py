@@ -257,8 +257,8 @@ class Checkpoint:
         """The safetensors dtype string (BF16, F16, F32, ...)."""
         return self.info(name).dtype
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as float32 (exact for BF16/F16/F32), read straight from its file region."""
+    def read_raw(self, name: str) -> np.ndarray:
+        """One tensor in its stored form: uint16 bit patterns for BF16, else float16/float32."""
         info = self.info(name)
         _check_dtype(name, info.dtype)
         count = math.prod(info.shape)
@@ -266,11 +266,14 @@ class Checkpoint:
             raw = np.fromfile(f, dtype=_NUMPY_DTYPES[info.dtype], count=count, offset=info.start)
         if raw.size != count:
             raise CheckpointError(f"{info.file.name}: truncated while reading tensor '{name}'")
-        if info.dtype == "BF16":  # bf16 is the upper half of a float32
-            out = np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
-        else:
-            out = raw.astype(np.float32)
-        return out.reshape(info.shape)
+        return raw.reshape(info.shape)
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as float32 (exact for BF16/F16/F32), read straight from its file region."""
+        raw = self.read_raw(name)
+        if self.info(name).dtype == "BF16":  # bf16 is the upper half of a float32
+            return np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
+        return raw.astype(np.float32)
 
     def tokenizer_files(self) -> list[Path]:
         return [self.folder / n for n in TOKENIZER_FILES if (self.folder / n).is_file()]

@@ -19,7 +19,6 @@ class ExportOptions:
     block_size: int = 64
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 0 = fp32
     audio: bool = True  # export the audio encoder when the checkpoint has one
-    verify: bool = True  # run the parity check of each graph against the torch reference
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
