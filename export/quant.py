@@ -52,26 +52,29 @@ def quantize_weight(weight: np.ndarray, bits: int, block_size: int, rows_per_chu
     return QuantizedWeight(packed, scales.reshape(-1), zero_points.reshape(-1), bits, block_size, n, k)
 
 
-def dequantize_weight(q: QuantizedWeight) -> np.ndarray:
-    """Inverse of quantize_weight: W_hat [N, K] float32 (for tests and error reports)."""
-    n_blocks = q.packed.shape[1]
+def dequantize_weight(q: QuantizedWeight, rows: slice = slice(None)) -> np.ndarray:
+    """Inverse of quantize_weight: W_hat[rows] [n, K] float32 (for tests and error reports)."""
+    packed = q.packed[rows]
+    n, n_blocks = packed.shape[0], packed.shape[1]
+    zp_bytes = q.zero_points.reshape(q.n, -1)[rows]
     if q.bits == 4:
-        lo = q.packed & 0x0F
-        hi = q.packed >> 4
-        codes = np.stack([lo, hi], axis=-1).reshape(q.n, n_blocks, q.block_size)
-        zp_bytes = q.zero_points.reshape(q.n, -1)
-        zps = np.stack([zp_bytes & 0x0F, zp_bytes >> 4], axis=-1).reshape(q.n, -1)[:, :n_blocks]
+        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, n_blocks, q.block_size)
+        zps = np.stack([zp_bytes & 0x0F, zp_bytes >> 4], axis=-1).reshape(n, -1)[:, :n_blocks]
     else:
-        codes = q.packed.reshape(q.n, n_blocks, q.block_size)
-        zps = q.zero_points.reshape(q.n, -1)[:, :n_blocks]
-    scales = q.scales.reshape(q.n, n_blocks)
+        codes = packed.reshape(n, n_blocks, q.block_size)
+        zps = zp_bytes[:, :n_blocks]
+    scales = q.scales.reshape(q.n, n_blocks)[rows]
     w = (codes.astype(np.float32) - zps[..., None].astype(np.float32)) * scales[..., None]
-    return w.reshape(q.n, n_blocks * q.block_size)[:, : q.k]
+    return w.reshape(n, n_blocks * q.block_size)[:, : q.k]
 
 
-def relative_error(weight: np.ndarray, q: QuantizedWeight) -> float:
-    """||W - W_hat||_F / ||W||_F: the reconstruction error reported per tensor at export."""
-    w = np.asarray(weight, dtype=np.float32)
-    diff = w - dequantize_weight(q)
-    denom = float(np.linalg.norm(w))
-    return float(np.linalg.norm(diff)) / denom if denom else 0.0
+def relative_error(weight: np.ndarray, q: QuantizedWeight, rows_per_chunk: int = 8192) -> float:
+    """||W - W_hat||_F / ||W||_F: the reconstruction error reported per tensor at export (computed in
+    row chunks, so the 151700-row lm_head needs no full-size dequantized copy)."""
+    diff2 = norm2 = 0.0
+    for start in range(0, q.n, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, q.n))
+        w = np.asarray(weight[rows], dtype=np.float32)
+        diff2 += float(np.square(w - dequantize_weight(q, rows), dtype=np.float64).sum())
+        norm2 += float(np.square(w, dtype=np.float64).sum())
+    return float(np.sqrt(diff2 / norm2)) if norm2 else 0.0
