@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from .decoder import IO as DECODER_IO
 from .decoder import build_decoder_graph
 from .graph import GraphBuilder
 from .options import ExportOptions
+from .staging import staged_folder
 from .vision import INPUTS as VISION_INPUTS
 from .vision import OUTPUT as VISION_OUTPUT
 from .vision import build_vision_graph
@@ -66,16 +66,8 @@ def export_bundle(source: str | Path, out_dir: str | Path | None = None, opts: E
     out = Path(out_dir) if out_dir else default_output_dir(source, opts)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         _write_bundle(ckpt, tmp, out.name, opts, progress or _log_progress, audio="audio" in parts)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -218,16 +210,6 @@ def _manifest(ckpt, name, opts, graphs, embed, tokenizer, quant_errors) -> dict:
                          "relative_error_mean": float(np.mean(errs)) if errs else 0.0,
                          "per_tensor": {k: round(e, 6) for k, e in quant_errors.items()}},
     }
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _log_progress(stage: str, done: int, total: int) -> None:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from functools import lru_cache
@@ -30,6 +29,7 @@ from tokenizers import Tokenizer
 
 from .checkpoint import INDEX_FILE, TOKENIZER_FILES, CheckpointError, Shape, expected_tensors
 from .hf_config import parse_config
+from .staging import staged_folder
 from .synth_tokenizer import build_tokenizer, make_tokenizer
 
 log = logging.getLogger(__name__)
@@ -170,19 +170,9 @@ def write_synthetic_checkpoint(out_dir: str | Path, size: str = "tiny", seed: in
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not empty; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         _write_all(tmp, size, seed, audio, tokenizer_dir, progress or _LogProgress(),
                    max_shard_bytes or SHARD_BYTES[size])
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
