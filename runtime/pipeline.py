@@ -102,7 +102,7 @@ class Pipeline:
         embeds, keys = self._prompt_embeddings(ids, prompt.image_bounds, images)
         if clips:
             embeds, keys = self._splice_audio(ids, embeds, keys, clips)
-        usage.vision_seconds = time.perf_counter() - t0
+        usage.vision_seconds = time.perf_counter() - t0  # image and audio encoders
         stats = StepStats()
         tokens = generate_tokens(self.decoder, self.embed, embeds, keys, ids, sampler, max_tokens,
                                  self.stop_ids | set(params.stop_token_ids), stats)
@@ -125,9 +125,9 @@ class Pipeline:
             rows = np.concatenate([self.vision.encode(im).reshape(-1, embeds.shape[1]) for im in images])
             embeds = splice_embeddings(embeds, rows, bounds)
             # Image placeholders are all the same token; key them by image content instead.
-            media_keys = [(im.key, j) for im in images for j in range(len(im.strips) * self.params.query_num)]
-            for (start, end), k in zip(bounds, range(0, len(media_keys), self.params.query_num), strict=True):
-                keys[start:end] = media_keys[k:k + (end - start)]
+            slices = [(im.key, s) for im in images for s in range(len(im.strips))]
+            for (start, end), (key, s) in zip(bounds, slices, strict=True):
+                keys[start:end] = [(key, s, j) for j in range(end - start)]
         return embeds, keys
 
     def _audio_prompt_parts(self, clips: list[tuple[int, np.ndarray]]):

@@ -162,3 +162,20 @@ def test_cheaper_encoder_precision_keeps_cosine(precision, tmp_path_factory, tin
     a, b = pipe.audio.encode(clip), fp32_pipe.audio.encode(clip)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() >= 0.99
+
+
+def test_repeated_image_costs_no_vision_encode(fp32_pipe):
+    messages = CONVERSATIONS["image 3:2 large"]
+    fp32_pipe.vision.cache.clear()
+    calls = []
+    run = fp32_pipe.vision.session.run
+    fp32_pipe.vision.session.run = lambda *a, **k: calls.append(1) or run(*a, **k)
+    try:
+        first = [t for c in fp32_pipe.generate(messages, GenerationParams(max_tokens=4)) for t in c.token_ids]
+        n_first = len(calls)
+        fp32_pipe.kv.reset()  # no KV reuse either: the prompt is prefilled again from cached embeddings
+        again = [t for c in fp32_pipe.generate(messages, GenerationParams(max_tokens=4)) for t in c.token_ids]
+    finally:
+        del fp32_pipe.vision.session.run
+    assert n_first >= 1 and len(calls) == n_first
+    assert again == first and fp32_pipe.vision.cache.hits >= 1
