@@ -28,7 +28,10 @@ class Decoder:
         self._logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, vocab_size), np.float32))
 
     def forward(self, embeds: np.ndarray, keys: Sequence[Hashable]) -> np.ndarray:
-        """Run embeds [S, D] at the positions after the cache; record `keys`; return last logits [V]."""
+        """Run embeds [S, D] at the positions after the cache; record `keys`; return last logits [V].
+
+        The logits are a view of a buffer the next call overwrites: copy them to keep them.
+        """
         s = embeds.shape[0]
         total = self.kv.length + s
         if total > self.kv.max_length:
