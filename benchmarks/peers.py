@@ -34,6 +34,7 @@ class Peer:
 
 PEERS = {
     "ours": Peer("ours int4 b32 (lm_head int8)", "ours", {"block_size": 32}),
+    "ours-b64": Peer("ours int4 b64 (lm_head int8)", "ours", {"block_size": 64}),
     "ours-b128": Peer("ours int4 b128 (lm_head int8)", "ours", {"block_size": 128}),
     "ours-head4": Peer("ours int4 b32 (lm_head int4)", "ours", {"block_size": 32, "head_precision": "int4"}),
     "ortgenai": Peer("onnxruntime-genai int4 b32", "ortgenai", {"extra": []}),
@@ -41,10 +42,10 @@ PEERS = {
                            {"extra": ["prune_lm_head=true"]}),
     "llamacpp-q4_0": Peer("llama.cpp Q4_0", "llamacpp", {"qtype": "Q4_0"}),
     "llamacpp-q4_k_m": Peer("llama.cpp Q4_K_M", "llamacpp", {"qtype": "Q4_K_M"}),
-    "torch-fp32": Peer("PyTorch reference fp32", "torch", {"dtype": "fp32"}),
-    "torch-bf16": Peer("PyTorch reference bf16", "torch", {"dtype": "bf16"}),
+    "torch-fp32": Peer("PyTorch eager fp32", "torch", {"dtype": "fp32"}),
+    "torch-bf16": Peer("PyTorch eager bf16", "torch", {"dtype": "bf16"}),
 }
-DEFAULT_PEERS = ("ours", "ours-b128", "ortgenai", "ortgenai-prune", "llamacpp-q4_0", "llamacpp-q4_k_m",
+DEFAULT_PEERS = ("ours", "ours-b64", "ours-b128", "ortgenai", "ortgenai-prune", "llamacpp-q4_0", "llamacpp-q4_k_m",
                  "torch-fp32", "torch-bf16")
 # Peak memory of a preparation or run in bytes per LLM parameter (ortgenai: its builder measured at
 # 13.6 GB for 1.78e9 parameters); a step whose estimate exceeds the memory available is skipped.
@@ -75,7 +76,8 @@ class Runner:
         record = self.work / f"{name}.prepare.json"
         if self.reuse and record.is_file():
             res = json.loads(record.read_text())
-            if res.get("ok", "error" not in res):
+            output = res.get("artifact") or res.get("path")
+            if res.get("ok", "error" not in res) and (output is None or Path(output).exists()):
                 log.info("-- %s: reusing %s", step, record)
                 return res
         res = self.worker(step, args)
@@ -90,7 +92,8 @@ class Runner:
         if skip:
             return row | {"skipped": skip}
         prep = getattr(self, f"_prepare_{peer.family}")(key, peer)
-        row["prepare"] = {k: prep.get(k) for k in ("seconds", "peak_rss_bytes", "command") if k in prep}
+        row["prepare"] = {k: prep.get(k, prep.get("process", {}).get(k)) for k in ("seconds", "peak_rss_bytes")}
+        row["prepare"]["command"] = prep.get("command")  # child-running steps report the child's figures
         if "error" in prep or not prep.get("ok", True):
             return row | {"error": f"preparation: {prep.get('error', 'failed')}"}
         row["file_bytes"] = prep.get("file_bytes")

@@ -27,9 +27,11 @@ def merge_rounds(rows: list[dict]) -> dict:
 def add_ratios(rows: list[dict], bandwidth: float | None, proto: Protocol) -> None:
     """Add decode ceiling, % of ceiling and ours/peer ratios to the measured rows (in place).
 
-    The ceiling uses the row's own bandwidth probes when it has them, else `bandwidth`."""
+    The ceiling uses the run's bandwidth (2 GiB, at the start). Each row also carries small probes
+    taken before and after its measurement (`bandwidth_probe`): they swing too much (40-74 GB/s
+    on this shared host) to serve as its ceiling, but they show when the machine was in a slow phase."""
     for r in rows:
-        bw = r.get("bandwidth_probe", {}).get("best_bytes_per_s") or bandwidth
+        bw = bandwidth
         if "decode_tok_s" not in r or not bw or not r.get("weight_bytes_per_token"):
             continue
         kv = r.get("kv_bytes_per_position", 0) * proto.mean_decode_length
@@ -70,8 +72,7 @@ def markdown_table(result: dict) -> str:
         f"prefill {p['prompt_tokens']} tokens, then decode {p['decode_tokens']} tokens; "
         f"medians of {p['repeats']} repeats" + (f" x {rounds} rounds (alternating order)." if rounds > 1 else "."),
         f"Read bandwidth ({bw.get('threads')} threads): best {bw.get('best_bytes_per_s', 0) / 1e9:.1f} GB/s, "
-        f"median {bw.get('median_bytes_per_s', 0) / 1e9:.1f} GB/s at the start; each row's ceiling uses the "
-        "best of probes taken just before and after its own measurement (bandwidth drifts here).",
+        f"median {bw.get('median_bytes_per_s', 0) / 1e9:.1f} GB/s, measured at the start; the ceilings use the best.",
         "",
         "| peer | prefill tok/s | decode tok/s | decode % of its ceiling (tok/s) | peak RSS | file size "
         "| prefill ours/peer | decode ours/peer | prepare time / peak RSS |",
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m benchmarks.report RESULTS.json", file=sys.stderr)
         return 2
-    print(markdown_table(json.loads(Path(args[0]).read_text())))
+    result = json.loads(Path(args[0]).read_text())
+    add_ratios(result["rows"], result["bandwidth"].get("best_bytes_per_s"), Protocol(**result["protocol"]))
+    print(markdown_table(result))
     return 0
 
 
