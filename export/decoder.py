@@ -1,10 +1,14 @@
 """Qwen2 decoder-with-past graph, built straight from streamed weights.
 
-Inputs:  inputs_embeds [1, S, D] f32, past_key_values.{i}.key/value [1, Hkv, M, Dh] f32 (M = the
+Inputs:  inputs_embeds [1, S, D] f32, past_key_values.{i}.key/value [1, Hkv, M, Dh] (M = the
          preallocated cache length; past and present are bound to the same buffer),
          seqlens_k [1] i32 (= total length - 1), total_sequence_length [] i32.
 Outputs: logits [1, 1, V] f32 (last position only: prefill never pays for S x V logits),
          present.{i}.key/value (the same buffers, written in place by GroupQueryAttention).
+
+The compute dtype (`ExportOptions.decoder_dtype`) is that of the KV cache, the activations, the norm
+weights and the quantization scales: fp32 for CPUs, fp16 for GPUs. inputs_embeds and logits are f32
+either way (cast at the graph's edges), so the runtime feeds and reads both variants alike.
 
 One layer (x = residual stream):
 
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
-from .graph import MS_DOMAIN, GraphBuilder
+from .graph import MS_DOMAIN, NP_TO_ONNX, GraphBuilder
 from .hf_config import DecoderConfig
 from .ops import ErrorSink, linear, rms_norm, silu_mul, skip_rms_norm
 from .options import ExportOptions
@@ -55,13 +59,18 @@ def rotary_cache(cfg: DecoderConfig, max_positions: int) -> tuple[np.ndarray, np
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
+def compute_dtype(opts: ExportOptions) -> np.dtype:
+    return np.dtype(np.float16 if opts.decoder_dtype == "fp16" else np.float32)
+
+
 def _attention(g, i, n, cfg, read, opts, on_error, cos, sin) -> str:
     p = P.format(i=i) + "self_attn."
     w = np.concatenate([read(p + "q_proj.weight"), read(p + "k_proj.weight"), read(p + "v_proj.weight")])
     b = np.concatenate([read(p + "q_proj.bias"), read(p + "k_proj.bias"), read(p + "v_proj.bias")])
     name = f"/model/layers.{i}/attn"
+    dt = compute_dtype(opts)
     qkv = linear(g, f"{name}/qkv_proj", n, w, b, precision=opts.precision, block_size=opts.block_size,
-                 accuracy_level=opts.accuracy_level, on_error=on_error)
+                 accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
     del w
     attn = g.node(
         "GroupQueryAttention",
@@ -73,62 +82,71 @@ def _attention(g, i, n, cfg, read, opts, on_error, cos, sin) -> str:
         do_rotary=1, rotary_interleaved=0, scale=float(cfg.head_dim ** -0.5),
     )[0]
     return linear(g, f"{name}/o_proj", attn, read(p + "o_proj.weight"), None, precision=opts.precision,
-                  block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error)
+                  block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
 
 
 def _mlp(g, i, n, read, opts, on_error) -> str:
     p = P.format(i=i) + "mlp."
     name = f"/model/layers.{i}/mlp"
+    dt = compute_dtype(opts)
     w = np.concatenate([read(p + "gate_proj.weight"), read(p + "up_proj.weight")])
     gu = linear(g, f"{name}/gate_up_proj", n, w, None, precision=opts.precision,
-                block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error)
+                block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
     del w
     h = silu_mul(g, f"{name}/act", gu)
     return linear(g, f"{name}/down_proj", h, read(p + "down_proj.weight"), None, precision=opts.precision,
-                  block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error)
+                  block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
 
 
-def _declare_io(g: GraphBuilder, cfg: DecoderConfig) -> None:
+def _declare_io(g: GraphBuilder, cfg: DecoderConfig, dt: np.dtype) -> None:
     f32, kv = TensorProto.FLOAT, [1, cfg.num_key_value_heads, "max_cache_len", cfg.head_dim]
+    kv_type = NP_TO_ONNX[dt]
     g.input(IO.inputs_embeds, f32, [1, "sequence_length", cfg.hidden_size])
     for i in range(cfg.num_hidden_layers):
-        g.input(IO.past_key.format(i=i), f32, kv)
-        g.input(IO.past_value.format(i=i), f32, kv)
+        g.input(IO.past_key.format(i=i), kv_type, kv)
+        g.input(IO.past_value.format(i=i), kv_type, kv)
     g.input(IO.seqlens_k, TensorProto.INT32, [1])
     g.input(IO.total_sequence_length, TensorProto.INT32, [])
     g.output(IO.logits, f32, [1, 1, cfg.vocab_size])
     for i in range(cfg.num_hidden_layers):
-        g.output(IO.present_key.format(i=i), f32, kv)
-        g.output(IO.present_value.format(i=i), f32, kv)
+        g.output(IO.present_key.format(i=i), kv_type, kv)
+        g.output(IO.present_value.format(i=i), kv_type, kv)
 
 
 def build_decoder_graph(g: GraphBuilder, cfg: DecoderConfig, read: ReadWeight, opts: ExportOptions,
                         max_positions: int, on_error: ErrorSink | None = None,
                         progress: Callable[[int, int], None] | None = None) -> None:
     """Add the whole decoder to `g`, reading and quantizing one weight at a time."""
-    _declare_io(g, cfg)
+    dt = compute_dtype(opts)
+    _declare_io(g, cfg, dt)
     cos_np, sin_np = rotary_cache(cfg, max_positions)
-    cos = g.initializer("/model/rotary/cos_cache", cos_np)
-    sin = g.initializer("/model/rotary/sin_cache", sin_np)
+    cos = g.initializer("/model/rotary/cos_cache", cos_np.astype(dt))
+    sin = g.initializer("/model/rotary/sin_cache", sin_np.astype(dt))
     eps = cfg.rms_norm_eps
     x = IO.inputs_embeds
-    n = rms_norm(g, "/model/layers.0/input_layernorm", x, read(P.format(i=0) + "input_layernorm.weight"), eps)
+    if dt != np.float32:
+        x = g.op("Cast", [x], "/model/inputs_embeds/Cast", to=NP_TO_ONNX[dt])
+    n = rms_norm(g, "/model/layers.0/input_layernorm", x, read(P.format(i=0) + "input_layernorm.weight"), eps,
+                 dtype=dt)
     last = cfg.num_hidden_layers - 1
     for i in range(cfg.num_hidden_layers):
         attn = _attention(g, i, n, cfg, read, opts, on_error, cos, sin)
         n2, x = skip_rms_norm(g, f"/model/layers.{i}/post_attention_layernorm", attn, x,
-                              read(P.format(i=i) + "post_attention_layernorm.weight"), eps)
+                              read(P.format(i=i) + "post_attention_layernorm.weight"), eps, dtype=dt)
         mlp = _mlp(g, i, n2, read, opts, on_error)
         if i < last:
             n, x = skip_rms_norm(g, f"/model/layers.{i + 1}/input_layernorm", mlp, x,
-                                 read(P.format(i=i + 1) + "input_layernorm.weight"), eps)
+                                 read(P.format(i=i + 1) + "input_layernorm.weight"), eps, dtype=dt)
         else:
-            n, x = skip_rms_norm(g, "/model/norm", mlp, x, read("llm.model.norm.weight"), eps)
+            n, x = skip_rms_norm(g, "/model/norm", mlp, x, read("llm.model.norm.weight"), eps, dtype=dt)
         if progress:
             progress(i + 1, cfg.num_hidden_layers)
     # Only the last position's logits are needed: slice before the (vocab-sized) head.
     last_pos = g.op("Slice", [n, g.const([-1]), g.const([2**62]), g.const([1])], "/model/last_position/Slice")
     head_name = "llm.model.embed_tokens.weight" if cfg.tie_word_embeddings else "llm.lm_head.weight"
     logits = linear(g, "/lm_head", last_pos, read(head_name), None, precision=opts.head_precision,
-                    block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error)
-    g.op("Identity", [logits], "/model/logits/Identity", outputs=[IO.logits])
+                    block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
+    if dt != np.float32:
+        g.op("Cast", [logits], "/model/logits/Cast", outputs=[IO.logits], to=TensorProto.FLOAT)
+    else:
+        g.op("Identity", [logits], "/model/logits/Identity", outputs=[IO.logits])

@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from onnx import TensorProto
 
-from .graph import MS_DOMAIN, GraphBuilder
+from .graph import MS_DOMAIN, NP_TO_ONNX, GraphBuilder
 from .quant import quantize_weight, relative_error
 
 # Called with (weight name, relative reconstruction error) for every quantized weight.
@@ -20,47 +19,51 @@ ErrorSink = Callable[[str, float], None]
 
 def linear(g: GraphBuilder, name: str, x: str, weight: np.ndarray, bias: np.ndarray | None, *,
            precision: str, block_size: int = 32, accuracy_level: int = 4,
-           on_error: ErrorSink | None = None) -> str:
-    """y = x @ W.T + b with W [N, K].
+           on_error: ErrorSink | None = None, dtype=np.float32) -> str:
+    """y = x @ W.T + b with W [N, K]; x and y are of `dtype` (the graph's compute type).
 
-    fp32 -> MatMul (+Add); fp16 -> fp16-stored weight cast to fp32 at load (half the file; CPU has no
-    fast fp16 GEMM); int4/int8 -> MatMulNBits with the bias folded into its bias input.
+    fp32 -> MatMul (+Add); fp16 storage in an fp32 graph -> fp16 weight cast to fp32 at load (half the
+    file; CPU has no fast fp16 GEMM); int4/int8 -> MatMulNBits with the bias folded into its bias input
+    and scales of `dtype` (MatMulNBits takes them in the activations' type).
     """
     n, k = weight.shape
+    dtype = np.dtype(dtype)
     if precision in ("fp32", "fp16"):
-        dtype = np.float32 if precision == "fp32" else np.float16
-        w = g.initializer(f"{name}/weight", np.ascontiguousarray(weight.T).astype(dtype))
-        if dtype == np.float16:
-            w = g.op("Cast", [w], f"{name}/weight/Cast", to=TensorProto.FLOAT)
+        stored = np.dtype(np.float32 if precision == "fp32" else np.float16)
+        w = g.initializer(f"{name}/weight", np.ascontiguousarray(weight.T).astype(stored))
+        if stored != dtype:
+            w = g.op("Cast", [w], f"{name}/weight/Cast", to=NP_TO_ONNX[dtype])
         y = g.op("MatMul", [x, w], f"{name}/MatMul")
         if bias is not None:
-            y = g.op("Add", [y, g.initializer(f"{name}/bias", bias.astype(np.float32))], f"{name}/Add")
+            y = g.op("Add", [y, g.initializer(f"{name}/bias", bias.astype(dtype))], f"{name}/Add")
         return y
     bits = {"int4": 4, "int8": 8}[precision]
     q = quantize_weight(weight, bits, block_size)
+    if dtype != np.float32:
+        q.scales = q.scales.astype(dtype)  # what the graph stores, so the error below is the real one
     if on_error is not None:
         on_error(name, relative_error(weight, q))
     inputs = [x, g.initializer(f"{name}/qweight", q.packed), g.initializer(f"{name}/scales", q.scales),
               g.initializer(f"{name}/zero_points", q.zero_points), "", ""]
     if bias is not None:
-        inputs[5] = g.initializer(f"{name}/bias", bias.astype(np.float32))
+        inputs[5] = g.initializer(f"{name}/bias", bias.astype(dtype))
     else:
         inputs = inputs[:4]
     return g.op("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN,
                 K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
 
 
-def rms_norm(g: GraphBuilder, name: str, x: str, weight: np.ndarray, eps: float) -> str:
-    """Fused RMSNorm (ONNX Runtime's SimplifiedLayerNormalization)."""
-    w = g.initializer(f"{name}/weight", weight.astype(np.float32))
+def rms_norm(g: GraphBuilder, name: str, x: str, weight: np.ndarray, eps: float, dtype=np.float32) -> str:
+    """Fused RMSNorm (ONNX Runtime's SimplifiedLayerNormalization; statistics in fp32)."""
+    w = g.initializer(f"{name}/weight", weight.astype(dtype))
     return g.op("SimplifiedLayerNormalization", [x, w], f"{name}/SimplifiedLayerNorm",
                 axis=-1, epsilon=eps, stash_type=1)
 
 
 def skip_rms_norm(g: GraphBuilder, name: str, x: str, skip: str, weight: np.ndarray,
-                  eps: float) -> tuple[str, str]:
+                  eps: float, dtype=np.float32) -> tuple[str, str]:
     """Residual add fused with RMSNorm: returns (norm(x + skip), x + skip)."""
-    w = g.initializer(f"{name}/weight", weight.astype(np.float32))
+    w = g.initializer(f"{name}/weight", weight.astype(dtype))
     outs = g.node("SkipSimplifiedLayerNormalization", [x, skip, w], f"{name}/SkipSimplifiedLayerNorm",
                   n_out=4, domain=MS_DOMAIN, epsilon=eps)
     return outs[0], outs[3]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 PRECISIONS = ("int4", "int8", "fp32")
 VISION_PRECISIONS = ("fp32", "fp16", "int8")
+DECODER_DTYPES = ("fp32", "fp16")
 BLOCK_SIZES = (16, 32, 64, 128)
 
 
@@ -19,6 +20,10 @@ class ExportOptions:
     block_size: int = 64
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 0 = fp32
     audio: bool = True  # export the audio encoder when the checkpoint has one
+    # The decoder's activations, norms, quantization scales and KV cache. fp16 is the GPU variant:
+    # ONNX Runtime's CUDA GroupQueryAttention has fp16/bf16 kernels only, and fp16 halves the KV
+    # cache. fp32 is the CPU default (x86 CPUs have no fast fp16 arithmetic).
+    decoder_dtype: str = "fp32"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -29,6 +34,8 @@ class ExportOptions:
             raise ValueError(f"vision precision must be one of {VISION_PRECISIONS}, got {self.vision_precision!r}")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block size must be one of {BLOCK_SIZES}, got {self.block_size}")
+        if self.decoder_dtype not in DECODER_DTYPES:
+            raise ValueError(f"decoder dtype must be one of {DECODER_DTYPES}, got {self.decoder_dtype!r}")
         if not 0 <= self.accuracy_level <= 4:
             raise ValueError(f"accuracy level must be 0..4, got {self.accuracy_level}")
 

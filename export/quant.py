@@ -18,7 +18,7 @@ class QuantizedWeight:
     """MatMulNBits inputs for a weight W of shape [N, K] (nn.Linear layout, y = x @ W.T)."""
 
     packed: np.ndarray  # uint8 [N, n_blocks, block_size * bits / 8]
-    scales: np.ndarray  # float32 [N * n_blocks]
+    scales: np.ndarray  # float32 [N * n_blocks] (float16 for an fp16 graph)
     zero_points: np.ndarray  # uint8, packed along blocks: [N * ceil(n_blocks * bits / 8)]
     bits: int
     block_size: int

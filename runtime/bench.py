@@ -67,6 +67,7 @@ def run_bench(model: Path, *, threads: int | None = None, repeats: int = 3, prom
     pipe = Pipeline.load(model, provider=provider, threads=threads,
                          context_length=prompt_tokens + decode_tokens + 16)
     result["load_seconds"] = round(time.perf_counter() - t0, 3)
+    result["provider"] = pipe.provider
     log(f"loaded in {result['load_seconds']} s")
 
     vision = pipe.vision

@@ -1,8 +1,10 @@
 """The decode loop: prefill the new part of the prompt, then one token per step.
 
-`Decoder.forward` runs the decoder graph over S new positions with IOBinding: the inputs_embeds
-and the two scalars are bound from host memory, the KV buffers are bound as past and present (the
-graph writes them in place), and the logits land in one preallocated buffer that is reused each step.
+`Decoder.forward` runs the decoder graph over S new positions with one IOBinding kept for the life
+of the decoder: the KV buffers are bound once as past and present (the graph writes them in place, on
+the GPU when the cache lives there), the logits land in one preallocated host buffer, and each step
+rebinds only inputs_embeds and the two length scalars (rebinding all 4 x layers KV names each step
+cost ~0.5 ms of Python per token).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ class Decoder:
         self.names = io_names
         self.kv = kv
         self._logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, vocab_size), np.float32))
+        self._io = session.io_binding()
+        kv.bind(self._io)
+        self._io.bind_ortvalue_output(io_names["logits"], self._logits)
+        self._feeds: tuple = ()  # the host arrays bound for the current step, kept alive until the next
 
     def forward(self, embeds: np.ndarray, keys: Sequence[Hashable]) -> np.ndarray:
         """Run embeds [S, D] at the positions after the cache; record `keys`; return last logits [V].
@@ -36,13 +42,11 @@ class Decoder:
         total = self.kv.length + s
         if total > self.kv.max_length:
             raise ValueError(f"sequence of {total} positions exceeds the KV cache ({self.kv.max_length})")
-        io = self.session.io_binding()
-        io.bind_cpu_input(self.names["inputs_embeds"], np.ascontiguousarray(embeds[None], dtype=np.float32))
-        io.bind_cpu_input(self.names["seqlens_k"], np.array([total - 1], dtype=np.int32))
-        io.bind_cpu_input(self.names["total_sequence_length"], np.array(total, dtype=np.int32))
-        self.kv.bind(io)
-        io.bind_ortvalue_output(self.names["logits"], self._logits)
-        self.session.run_with_iobinding(io)
+        self._feeds = (np.ascontiguousarray(embeds[None], dtype=np.float32),
+                       np.array([total - 1], dtype=np.int32), np.array(total, dtype=np.int32))
+        for name, array in zip(("inputs_embeds", "seqlens_k", "total_sequence_length"), self._feeds, strict=True):
+            self._io.bind_cpu_input(self.names[name], array)
+        self.session.run_with_iobinding(self._io)
         self.kv.append(keys)
         return self._logits.numpy()[0, 0]
 

@@ -20,10 +20,11 @@ class KVCache:
         self.max_length = max_length
         self.num_layers = num_layers
         self._names = io_names
+        self.dtype = np.dtype(dtype)
         shape = (1, num_kv_heads, max_length, head_dim)
         self._buffers = [
-            (ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id),
-             ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id))
+            (ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, device_id),
+             ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, device_id))
             for _ in range(num_layers)
         ]
         self.keys: list[Hashable] = []  # what sits at each filled position
@@ -35,7 +36,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         k, _ = self._buffers[0]
-        return 2 * self.num_layers * int(np.prod(k.shape())) * 4
+        return 2 * self.num_layers * int(np.prod(k.shape())) * self.dtype.itemsize
 
     def common_prefix(self, keys: Sequence[Hashable]) -> int:
         """How many leading positions of `keys` are already in the cache."""

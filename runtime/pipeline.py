@@ -21,7 +21,7 @@ from .manifest import Manifest, load_manifest
 from .preprocess.image import SlicingParams
 from .preprocess.prompt import build_prompt
 from .sampler import make_sampler
-from .sessions import EmbeddingTable, create_session, resolve_provider
+from .sessions import EmbeddingTable, create_session, kv_device, resolve_provider
 from .splice import splice_embeddings
 from .stopping import StopMatcher
 from .tokenizer import StreamingDetokenizer, Tokenizer
@@ -55,9 +55,9 @@ class Pipeline:
         emb = manifest["embeddings"]
         self.embed = EmbeddingTable(manifest.path(emb["file"]), emb["dtype"], emb["shape"])
         session = create_session(manifest.path(dec["file"]), self.provider, threads)
-        device = "cuda" if self.provider == "cuda" else "cpu"
+        kv_dtype = np.dtype(dec.get("kv_dtype", "float32"))
         self.kv = KVCache(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], self.context_length,
-                          io_names=dec["io"], device=device)
+                          io_names=dec["io"], device=kv_device(self.provider, kv_dtype), dtype=kv_dtype)
         self.decoder = Decoder(session, dec["io"], self.kv, dec["vocab_size"])
         vis = manifest["vision"]
         self.vision = VisionEncoder(create_session(manifest.path(vis["file"]), self.provider, threads,

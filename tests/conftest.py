@@ -46,3 +46,9 @@ def int4_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def int8_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
     return _export(tmp_path_factory, tiny_checkpoint, "tiny-int8", precision="int8")
+
+
+@pytest.fixture(scope="session")
+def int4_fp16_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The GPU variant: int4 weights, fp16 activations, scales and KV cache."""
+    return _export(tmp_path_factory, tiny_checkpoint, "tiny-int4-fp16", precision="int4", decoder_dtype="fp16")

@@ -126,3 +126,9 @@ def test_synth_export_infer_with_the_builtin_tokenizer(tmp_path):
     assert out["usage"]["completion_tokens"] >= 1
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert "audio" not in manifest and manifest["options"]["precision"] == "int4"
+    # The GPU variant exports and runs on the CPU too (ONNX Runtime has CPU kernels for its fp16 ops).
+    minicpmo("export", ckpt, "-o", tmp_path / "fp16", "--decoder-dtype", "fp16")
+    assert json.loads((tmp_path / "fp16" / "manifest.json").read_text())["decoder"]["kv_dtype"] == "float16"
+    out = json.loads(minicpmo("infer", "--model", tmp_path / "fp16", "--prompt", "Hi", "--max-tokens", "3",
+                              "--json").stdout)
+    assert out["usage"]["completion_tokens"] >= 1

@@ -133,13 +133,26 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-@pytest.mark.parametrize("bundle_fixture", ["int4_bundle", "int8_bundle"])
+@pytest.mark.parametrize("bundle_fixture", ["int4_bundle", "int8_bundle", "int4_fp16_bundle"])
 @pytest.mark.parametrize("case", ["text only", "image 5:2", "two images"])
 def test_quantized_logits_close_to_fp32(bundle_fixture, case, request, fp32_pipe):
     pipe = Pipeline.load(request.getfixturevalue(bundle_fixture), provider="cpu", context_length=4096)
     messages = CONVERSATIONS[case]
     fp32_pipe.kv.reset()
     assert _cosine(_first_logits(pipe, messages), _first_logits(fp32_pipe, messages)) >= 0.99
+
+
+def test_fp16_decoder_variant(int4_fp16_bundle, int4_bundle):
+    """The GPU variant: an fp16 KV cache (half the bytes), and fp16 scales that add no visible error."""
+    import json
+
+    fp16 = Pipeline.load(int4_fp16_bundle, provider="cpu", context_length=256)
+    fp32 = Pipeline.load(int4_bundle, provider="cpu", context_length=256)
+    assert fp16.kv.dtype == np.float16 and 2 * fp16.kv.nbytes == fp32.kv.nbytes
+    errors = [json.loads((b / "manifest.json").read_text())["quantization"]["per_tensor"]
+              for b in (int4_fp16_bundle, int4_bundle)]
+    assert errors[0].keys() == errors[1].keys()
+    assert max(abs(errors[0][k] - errors[1][k]) for k in errors[0]) < 1e-3
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])

@@ -92,6 +92,15 @@ def test_stream_of_encoded_text_equals_decode(tok, text):
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_stream_gives_no_text_for_ids_past_the_tokenizer(tok):
+    """A model whose embedding table has more rows than its tokenizer can sample one of them: no text,
+    no error in the middle of a reply."""
+    ids = tok.encode("Hello, world!")
+    detok = StreamingDetokenizer(tok)
+    pieces = [detok.add(i) for i in ids[:2]] + [detok.add(tok.vocab_size + 5)] + [detok.add(i) for i in ids[2:]]
+    assert "".join(pieces) + detok.flush() == "Hello, world!"
+
+
 def test_multibyte_character_is_held_until_complete(tok, byte_ids):
     ids = [byte_ids[b] for b in "a😀".encode()]
     detok = StreamingDetokenizer(tok)
