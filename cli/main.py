@@ -158,16 +158,17 @@ def chat(model, provider, threads, context_length, max_tokens, temperature, top_
 @click.option("--prompt-tokens", type=click.IntRange(16), default=512, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--no-cuda-graph", is_flag=True, help="On CUDA, run every decode step without graph replay.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_fail_cleanly
-def bench(model, threads, repeats, prompt_tokens, decode_tokens, provider, as_json) -> None:
+def bench(model, threads, repeats, prompt_tokens, decode_tokens, provider, no_cuda_graph, as_json) -> None:
     """Measure a bundle: load, vision, time to first token, prefill/decode tok/s, peak RSS, size."""
     import json
 
     from ..runtime.bench import run_bench
 
     result = run_bench(model, threads=threads, repeats=repeats, prompt_tokens=prompt_tokens,
-                       decode_tokens=decode_tokens, provider=provider,
+                       decode_tokens=decode_tokens, provider=provider, cuda_graph=not no_cuda_graph,
                        log=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(result))

@@ -60,14 +60,16 @@ def _cpu_name() -> str:
 
 
 def run_bench(model: Path, *, threads: int | None = None, repeats: int = 3, prompt_tokens: int = 512,
-              decode_tokens: int = 128, provider: str = "auto", log: Callable[[str], None] = print) -> dict:
+              decode_tokens: int = 128, provider: str = "auto", cuda_graph: bool = True,
+              log: Callable[[str], None] = print) -> dict:
     """Measure load, vision, time to first token, prefill and decode speed, RSS and size."""
     result = header(threads)
     t0 = time.perf_counter()
     pipe = Pipeline.load(model, provider=provider, threads=threads,
-                         context_length=prompt_tokens + decode_tokens + 16)
+                         context_length=prompt_tokens + decode_tokens + 16, cuda_graph=cuda_graph)
     result["load_seconds"] = round(time.perf_counter() - t0, 3)
     result["provider"] = pipe.provider
+    result["cuda_graph"] = pipe.decoder.cuda_graph
     log(f"loaded in {result['load_seconds']} s")
 
     vision = pipe.vision

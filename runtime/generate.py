@@ -1,10 +1,12 @@
 """The decode loop: prefill the new part of the prompt, then one token per step.
 
 `Decoder.forward` runs the decoder graph over S new positions with one IOBinding kept for the life
-of the decoder: the KV buffers are bound once as past and present (the graph writes them in place, on
-the GPU when the cache lives there), the logits land in one preallocated host buffer, and each step
-rebinds only inputs_embeds and the two length scalars (rebinding all 4 x layers KV names each step
-cost ~0.5 ms of Python per token).
+of the decoder. The KV buffers are bound once as past and present: the graph writes them in place,
+on the GPU when the cache lives there. The logits land in one preallocated buffer on the cache's
+device. A decode step (S = 1) copies its embedding row and `seqlens_k` into preallocated buffers on
+that device. So every address a step touches stays fixed, which is what a CUDA graph replay needs.
+Only a prefill chunk binds its embeddings from host memory.
+`total_sequence_length` is always a host scalar: GroupQueryAttention reads it on the CPU.
 """
 
 from __future__ import annotations
@@ -19,34 +21,61 @@ import onnxruntime as ort
 from .kv_cache import KVCache
 
 PREFILL_CHUNK = 512  # bounds the activations of a long prompt; GQA continues from the cache
+DECODE_GRAPH_ID = "1"  # ORT's name for the one captured CUDA graph: the S = 1 decode step
 
 
 class Decoder:
     def __init__(self, session: ort.InferenceSession, io_names: dict[str, str], kv: KVCache,
-                 vocab_size: int):
+                 vocab_size: int, *, cuda_graph: bool = False):
+        """cuda_graph: the session was created with CUDA graphs on (`create_session(cuda_graph=True)`).
+        Decode steps then replay one captured graph, and prefill chunks run without capture."""
         self.session = session
         self.names = io_names
         self.kv = kv
-        self._logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, vocab_size), np.float32))
+        device = kv.device
+        hidden = next(i.shape[-1] for i in session.get_inputs() if i.name == io_names["inputs_embeds"])
+        alloc = ort.OrtValue.ortvalue_from_shape_and_type
+        self._step_embeds = alloc((1, 1, hidden), np.float32, device, kv.device_id)
+        self._seqlens = alloc((1,), np.int32, device, kv.device_id)
+        self._total = alloc((), np.int32, "cpu", 0)
+        self._logits = alloc((1, 1, vocab_size), np.float32, device, kv.device_id)
         self._io = session.io_binding()
         kv.bind(self._io)
+        self._io.bind_ortvalue_input(io_names["seqlens_k"], self._seqlens)
+        self._io.bind_ortvalue_input(io_names["total_sequence_length"], self._total)
         self._io.bind_ortvalue_output(io_names["logits"], self._logits)
-        self._feeds: tuple = ()  # the host arrays bound for the current step, kept alive until the next
+        self._prefill_embeds = None  # the host array bound for a prefill chunk, kept alive while bound
+        self.cuda_graph = cuda_graph
+        self._step_options = self._prefill_options = None
+        if cuda_graph:
+            self._step_options, self._prefill_options = ort.RunOptions(), ort.RunOptions()
+            self._step_options.add_run_config_entry("gpu_graph_id", DECODE_GRAPH_ID)
+            self._prefill_options.add_run_config_entry("gpu_graph_id", "-1")  # -1: run, do not capture
 
     def forward(self, embeds: np.ndarray, keys: Sequence[Hashable]) -> np.ndarray:
         """Run embeds [S, D] at the positions after the cache; record `keys`; return last logits [V].
 
-        The logits are a view of a buffer the next call overwrites: copy them to keep them.
+        On the CPU the logits are a view of a buffer the next call overwrites: copy them to keep them.
         """
         s = embeds.shape[0]
         total = self.kv.length + s
         if total > self.kv.max_length:
             raise ValueError(f"sequence of {total} positions exceeds the KV cache ({self.kv.max_length})")
-        self._feeds = (np.ascontiguousarray(embeds[None], dtype=np.float32),
-                       np.array([total - 1], dtype=np.int32), np.array(total, dtype=np.int32))
-        for name, array in zip(("inputs_embeds", "seqlens_k", "total_sequence_length"), self._feeds, strict=True):
-            self._io.bind_cpu_input(self.names[name], array)
-        self.session.run_with_iobinding(self._io)
+        rows = np.ascontiguousarray(embeds[None], dtype=np.float32)
+        if s == 1:
+            self._step_embeds.update_inplace(rows)
+            self._io.bind_ortvalue_input(self.names["inputs_embeds"], self._step_embeds)
+            options = self._step_options
+        else:
+            self._prefill_embeds = rows
+            self._io.bind_cpu_input(self.names["inputs_embeds"], rows)
+            options = self._prefill_options
+        self._seqlens.update_inplace(np.array([total - 1], dtype=np.int32))
+        # A captured step must not depend on a host value that changes: GroupQueryAttention then reads
+        # the real length from seqlens_k on the device, and total_sequence_length is the buffer's.
+        host_total = self.kv.max_length if (s == 1 and self.cuda_graph) else total
+        self._total.update_inplace(np.array(host_total, dtype=np.int32))
+        self.session.run_with_iobinding(self._io, options)
         self.kv.append(keys)
         return self._logits.numpy()[0, 0]
 

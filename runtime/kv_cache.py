@@ -21,6 +21,7 @@ class KVCache:
         self.num_layers = num_layers
         self._names = io_names
         self.dtype = np.dtype(dtype)
+        self.device, self.device_id = device, device_id
         shape = (1, num_kv_heads, max_length, head_dim)
         self._buffers = [
             (ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, device_id),

@@ -39,7 +39,8 @@ class Pipeline:
     """A loaded bundle. Not thread-safe: run one generation at a time."""
 
     def __init__(self, manifest: Manifest, provider: str = "auto", threads: int | None = None,
-                 context_length: int | None = None, image_cache_bytes: int = 256 * 1024 * 1024):
+                 context_length: int | None = None, image_cache_bytes: int = 256 * 1024 * 1024,
+                 cuda_graph: bool = True):
         t0 = time.perf_counter()
         self.manifest = manifest
         self.provider = resolve_provider(provider)
@@ -54,11 +55,14 @@ class Pipeline:
         self.params = SlicingParams.from_dict(manifest["preprocessing"])
         emb = manifest["embeddings"]
         self.embed = EmbeddingTable(manifest.path(emb["file"]), emb["dtype"], emb["shape"])
-        session = create_session(manifest.path(dec["file"]), self.provider, threads)
         kv_dtype = np.dtype(dec.get("kv_dtype", "float32"))
+        kv_on = kv_device(self.provider, kv_dtype)
+        # A CUDA graph needs the whole decoder on the GPU: only the fp16 variant is (see kv_device).
+        graph = cuda_graph and kv_on == "cuda"
+        session = create_session(manifest.path(dec["file"]), self.provider, threads, cuda_graph=graph)
         self.kv = KVCache(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], self.context_length,
-                          io_names=dec["io"], device=kv_device(self.provider, kv_dtype), dtype=kv_dtype)
-        self.decoder = Decoder(session, dec["io"], self.kv, dec["vocab_size"])
+                          io_names=dec["io"], device=kv_on, dtype=kv_dtype)
+        self.decoder = Decoder(session, dec["io"], self.kv, dec["vocab_size"], cuda_graph=graph)
         vis = manifest["vision"]
         self.vision = VisionEncoder(create_session(manifest.path(vis["file"]), self.provider, threads,
                                                    memory_arena=False),

@@ -48,9 +48,11 @@ def default_threads() -> int:
 
 
 def create_session(path: Path, provider: str, threads: int | None = None,
-                   profile_prefix: str | None = None, memory_arena: bool = True) -> ort.InferenceSession:
+                   profile_prefix: str | None = None, memory_arena: bool = True,
+                   cuda_graph: bool = False) -> ort.InferenceSession:
     """One session per graph. memory_arena=False for the encoders: a 10-slice image needs GBs of
-    activations once, and an arena would keep them for the life of the process."""
+    activations once, and an arena would keep them for the life of the process. cuda_graph: capture
+    the decode step as a CUDA graph and replay it (one launch instead of hundreds; the decoder only)."""
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = memory_arena
     opts.intra_op_num_threads = threads or default_threads()
@@ -63,7 +65,8 @@ def create_session(path: Path, provider: str, threads: int | None = None,
         opts.profile_file_prefix = profile_prefix
     providers = ["CPUExecutionProvider"]
     if provider == "cuda":
-        providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        cuda = {"device_id": 0} | ({"enable_cuda_graph": "1"} if cuda_graph else {})
+        providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
