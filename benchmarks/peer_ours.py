@@ -57,7 +57,8 @@ class DecoderOnly:
             self.session = _session_with(m.path(dec["file"]), threads, session_config)
         else:
             self.session = create_session(m.path(dec["file"]), "cpu", threads, profile_prefix=profile_prefix)
-        self.kv = KVCache(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], context, io_names=dec["io"])
+        self.kv = KVCache(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], context, io_names=dec["io"],
+                          dtype=np.dtype(dec.get("kv_dtype", "float32")))
         self.decoder = Decoder(self.session, dec["io"], self.kv, dec["vocab_size"])
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
@@ -95,7 +96,7 @@ def measure(bundle: Path, proto: Protocol) -> dict:
 
     result = run_repeats(proto, lambda _: d.prefill(ids), decode, f"ours {bundle.name}", setup=d.kv.reset)
     result["kv_bytes_per_position"] = kv_bytes_per_position(d.info["num_layers"], d.info["num_kv_heads"],
-                                                            d.info["head_dim"], 4)
+                                                            d.info["head_dim"], d.kv.dtype.itemsize)
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["header"] = header(proto.threads)
     return result
