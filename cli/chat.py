@@ -88,8 +88,9 @@ class ChatSession:
         self.pending = []
 
 
-def run_chat(*, model, provider, threads, context_length, sampling) -> None:
-    pipe = Pipeline.load(model, provider=provider, threads=threads, context_length=context_length)
+def run_chat(*, model, provider, threads, context_length, sampling, cuda_graph: bool = True) -> None:
+    pipe = Pipeline.load(model, provider=provider, threads=threads, context_length=context_length,
+                         cuda_graph=cuda_graph)
     session = ChatSession(pipe, GenerationParams(**sampling))
     click.echo(f"{pipe.model_name} ready. {HELP}", err=True)
     while True:

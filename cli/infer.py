@@ -41,9 +41,10 @@ def media_parts(media: MediaArgs) -> list[dict]:
 
 
 def run_infer(*, model, provider, threads, context_length, media: MediaArgs, prompt, system, as_json,
-              sampling) -> None:
+              sampling, cuda_graph: bool = True) -> None:
     content = media_parts(media) + [{"type": "text", "text": prompt}]
-    pipe = Pipeline.load(model, provider=provider, threads=threads, context_length=context_length)
+    pipe = Pipeline.load(model, provider=provider, threads=threads, context_length=context_length,
+                         cuda_graph=cuda_graph)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     text, ids, usage = [], [], None
     for chunk in pipe.generate(messages, GenerationParams(**sampling)):

@@ -96,6 +96,8 @@ def _runtime_options(fn):
     fn = click.option("--threads", type=click.IntRange(1), help="Intra-op threads [all cores].")(fn)
     fn = click.option("--context", "context_length", type=click.IntRange(16),
                       help="Context length (KV cache size) [4096].")(fn)
+    fn = click.option("--no-cuda-graph", is_flag=True,
+                      help="On CUDA, run every decode step without CUDA graph replay.")(fn)
     return fn
 
 
@@ -124,7 +126,7 @@ def _sampling_options(fn):
 @click.option("--system", help="System prompt (default: the chat template's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_fail_cleanly
-def infer(model, provider, threads, context_length, max_tokens, temperature, top_p, top_k,
+def infer(model, provider, threads, context_length, no_cuda_graph, max_tokens, temperature, top_p, top_k,
           repetition_penalty, seed, images, audios, video, frames, fps, max_frames, prompt, system,
           as_json) -> None:
     """Answer one question about images, audio clips or a video."""
@@ -132,7 +134,7 @@ def infer(model, provider, threads, context_length, max_tokens, temperature, top
 
     media = MediaArgs(images=images, audios=audios, video=video, frames=frames, fps=fps, max_frames=max_frames)
     run_infer(model=model, provider=provider, threads=threads, context_length=context_length,
-              media=media, prompt=prompt, system=system, as_json=as_json,
+              cuda_graph=not no_cuda_graph, media=media, prompt=prompt, system=system, as_json=as_json,
               sampling=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed))
 
@@ -141,13 +143,13 @@ def infer(model, provider, threads, context_length, max_tokens, temperature, top
 @_runtime_options
 @_sampling_options
 @_fail_cleanly
-def chat(model, provider, threads, context_length, max_tokens, temperature, top_p, top_k,
+def chat(model, provider, threads, context_length, no_cuda_graph, max_tokens, temperature, top_p, top_k,
          repetition_penalty, seed) -> None:
     r"""Interactive multi-turn chat: \image, \audio, \video SRC [question]; \system TEXT; \clear; \exit."""
     from .chat import run_chat
 
     run_chat(model=model, provider=provider, threads=threads, context_length=context_length,
-             sampling=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+             cuda_graph=not no_cuda_graph, sampling=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            repetition_penalty=repetition_penalty, seed=seed))
 
 
@@ -190,7 +192,7 @@ def bench(model, threads, repeats, prompt_tokens, decode_tokens, provider, no_cu
 @click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True)
 @click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=600.0, show_default=True)
 @_fail_cleanly
-def serve(model, provider, threads, context_length, host, port, api_key, allowed_local_media,
+def serve(model, provider, threads, context_length, no_cuda_graph, host, port, api_key, allowed_local_media,
           allow_private_urls, max_queue, max_image_bytes, max_image_pixels, request_timeout) -> None:
     """OpenAI-compatible HTTP server (POST /v1/chat/completions)."""
     try:
@@ -204,8 +206,8 @@ def serve(model, provider, threads, context_length, host, port, api_key, allowed
                               allowed_local_media=allowed_local_media, allow_private_urls=allow_private_urls,
                               max_queue=max_queue, max_image_bytes=max_image_bytes,
                               max_image_pixels=max_image_pixels, request_timeout=request_timeout)
-    run_server(lambda: Pipeline.load(model, provider=provider, threads=threads, context_length=context_length),
-               settings)
+    run_server(lambda: Pipeline.load(model, provider=provider, threads=threads, context_length=context_length,
+                                     cuda_graph=not no_cuda_graph), settings)
 
 
 def main() -> None:  # pragma: no cover - console script entry
