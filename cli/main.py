@@ -149,7 +149,8 @@ def chat(model, provider, threads, context_length, no_cuda_graph, max_tokens, te
     from .chat import run_chat
 
     run_chat(model=model, provider=provider, threads=threads, context_length=context_length,
-             cuda_graph=not no_cuda_graph, sampling=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+             cuda_graph=not no_cuda_graph,
+             sampling=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            repetition_penalty=repetition_penalty, seed=seed))
 
 

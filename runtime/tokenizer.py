@@ -70,8 +70,9 @@ class StreamingDetokenizer:
     def add(self, token_id: int) -> str:
         """Feed one id; return the text it completes ("" while a character is still incomplete)."""
         if int(token_id) in self.skip or not 0 <= int(token_id) < self.tokenizer.vocab_size:
-            # Ids past the tokenizer are the embedding table's padding rows (the real checkpoint has
-            # 151,700 rows for 151,666 tokens): a model can still sample one, and it has no text.
+            # An embedding table can have more rows than the tokenizer has tokens (padded tables; a
+            # synthetic checkpoint with the small built-in tokenizer). A model can still sample such
+            # an id, and it has no text: it must not end the reply with an error.
             return ""
         self._ids.append(int(token_id))
         return self._emit(final=False)
