@@ -2,11 +2,8 @@
 
     python -m benchmarks.experiments BUNDLE [--threads 2] [--repeats 3] [--json]
 
-- baseline: runtime/generate.py's Decoder as the pipeline uses it (a new IOBinding every step,
-  every KV buffer bound again, inputs copied in).
-- persistent-binding: one IOBinding for all decode steps: the KV buffers and the logits are bound
-  once, the three small inputs are OrtValues updated in place (update_inplace), so a step is
-  run_with_iobinding plus three copies.
+- baseline: runtime/generate.py's Decoder as the pipeline uses it (one IOBinding for its life, the
+  step inputs updated in place; an earlier "persistent-binding" experiment here became that).
 - no-spinning: baseline with session.intra_op.allow_spinning = 0.
 """
 
@@ -17,39 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from .common import Protocol, prompt_ids, run_repeats
 from .peer_ours import DecoderOnly
-
-
-class PersistentStep:
-    """Decode steps (S = 1) through one IOBinding bound once."""
-
-    def __init__(self, d: DecoderOnly):
-        import onnxruntime as ort
-
-        self.d, names = d, d.info["io"]
-        hidden = d.info["hidden_size"]
-        self.embeds = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, hidden), np.float32))
-        self.seqlens = ort.OrtValue.ortvalue_from_numpy(np.zeros((1,), np.int32))
-        self.total = ort.OrtValue.ortvalue_from_numpy(np.array(0, np.int32))
-        self.io = d.session.io_binding()
-        self.io.bind_ortvalue_input(names["inputs_embeds"], self.embeds)
-        self.io.bind_ortvalue_input(names["seqlens_k"], self.seqlens)
-        self.io.bind_ortvalue_input(names["total_sequence_length"], self.total)
-        d.kv.bind(self.io)
-        self.io.bind_ortvalue_output(names["logits"], d.decoder._logits)
-
-    def __call__(self, logits: np.ndarray) -> np.ndarray:
-        token = int(np.argmax(logits))
-        total = self.d.kv.length + 1
-        self.embeds.update_inplace(self.d.embed(np.array([token]))[None])
-        self.seqlens.update_inplace(np.array([total - 1], np.int32))
-        self.total.update_inplace(np.array(total, np.int32))
-        self.d.session.run_with_iobinding(self.io)
-        self.d.kv.append([token])
-        return self.d.decoder._logits.numpy()[0, 0]
 
 
 def _run(d: DecoderOnly, proto: Protocol, step, name: str) -> dict:
@@ -69,8 +35,7 @@ def run_experiments(bundle: Path, proto: Protocol, which: list[str]) -> dict:
     out = {}
     for name in which:
         d = DecoderOnly(bundle, proto.threads, proto.context, session_config=SESSION_CONFIGS.get(name))
-        step = PersistentStep(d) if name == "persistent-binding" else d.step
-        out[name] = _run(d, proto, step, name)
+        out[name] = _run(d, proto, d.step, name)
     return out
 
 
@@ -83,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--which", default="baseline,persistent-binding,no-spinning")
+    p.add_argument("--which", default="baseline,no-spinning")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     setup_logging()
