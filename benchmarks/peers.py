@@ -48,9 +48,10 @@ PEERS = {
 }
 DEFAULT_PEERS = ("ours", "ours-b64", "ours-b128", "ortgenai", "ortgenai-prune", "llamacpp-q4_0", "llamacpp-q4_k_m",
                  "torch-fp32", "torch-bf16")
-# Peak memory of a preparation or run in bytes per LLM parameter (ortgenai: its builder measured at
-# 13.6 GB for 1.78e9 parameters); a step whose estimate exceeds the memory available is skipped.
-MEMORY_PER_PARAM = {"ortgenai": 7.6, "torch-fp32": 4.1, "torch-bf16": 2.1}
+# Peak memory of a preparation or run in bytes per LLM parameter (ortgenai: its builder with the
+# streaming int4 pass of benchmarks/ortgenai_build.py, measured at 13.0 GB for 7.61e9 parameters);
+# a step whose estimate exceeds the memory available is skipped.
+MEMORY_PER_PARAM = {"ortgenai": 1.8, "torch-fp32": 4.1, "torch-bf16": 2.1}
 
 
 class Runner:
@@ -74,17 +75,25 @@ class Runner:
 
     def prepared(self, name: str, step: str, args: dict) -> dict:
         """Run a preparation step once; with --reuse, an earlier successful result is kept."""
-        record = self.work / f"{name}.prepare.json"
-        if self.reuse and record.is_file():
-            res = json.loads(record.read_text())
-            output = res.get("artifact") or res.get("path")
-            if res.get("ok", "error" not in res) and (output is None or Path(output).exists()):
-                log.info("-- %s: reusing %s", step, record)
-                return res
+        res = self.reusable(name)
+        if res is not None:
+            log.info("-- %s: reusing %s", step, self.work / f"{name}.prepare.json")
+            return res
         res = self.worker(step, args)
         if "error" not in res and res.get("ok", True):
-            record.write_text(json.dumps(res, indent=2))
+            (self.work / f"{name}.prepare.json").write_text(json.dumps(res, indent=2))
         return res
+
+    def reusable(self, name: str) -> dict | None:
+        """With --reuse, the record of an earlier successful step whose output still exists."""
+        record = self.work / f"{name}.prepare.json"
+        if not (self.reuse and record.is_file()):
+            return None
+        res = json.loads(record.read_text())
+        output = res.get("artifact") or res.get("path")
+        if res.get("ok", "error" not in res) and (output is None or Path(output).exists()):
+            return res
+        return None
 
     # ---------------------------------------------------------------- per family
     def run(self, key: str, peer: Peer) -> dict:
@@ -131,6 +140,8 @@ class Runner:
             "timeout_s": self.timeout_s})
 
     def _prepare_ortgenai(self, key: str, peer: Peer) -> dict:
+        if (done := self.reusable(key)) is not None:  # its source copy may be gone: not needed
+            return done
         hf = self.prepared("hf-qwen2", "hf_qwen2", {"ckpt": str(self.ckpt), "out": str(self.work / "hf-qwen2")})
         if "error" in hf:
             return hf
@@ -139,6 +150,8 @@ class Runner:
             "extra": peer.options["extra"], "timeout_s": self.timeout_s})
 
     def _prepare_llamacpp(self, key: str, peer: Peer) -> dict:
+        if (done := self.reusable(key)) is not None:  # its BF16 source GGUF may be gone: not needed
+            return done
         src = self.prepared("llm-gguf", "gguf_f16", {"ckpt": str(self.ckpt), "out": str(self.work / "llm.gguf")})
         if "error" in src:
             return src
