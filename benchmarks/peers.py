@@ -48,10 +48,12 @@ PEERS = {
 }
 DEFAULT_PEERS = ("ours", "ours-b64", "ours-b128", "ortgenai", "ortgenai-prune", "llamacpp-q4_0", "llamacpp-q4_k_m",
                  "torch-fp32", "torch-bf16")
-# Peak memory of a preparation or run in bytes per LLM parameter (ortgenai: its builder with the
-# streaming int4 pass of benchmarks/ortgenai_build.py, measured at 13.0 GB for 7.61e9 parameters);
-# a step whose estimate exceeds the memory available is skipped.
+# Peak memory of a preparation or run in bytes per LLM parameter, and at least MEMORY_FLOOR bytes
+# (ortgenai: its builder with the streaming int4 pass of benchmarks/ortgenai_build.py, measured at
+# 13.3 GB for 7.61e9 parameters and 7.3 GB for 1.78e9); a step whose estimate exceeds the memory
+# available is skipped.
 MEMORY_PER_PARAM = {"ortgenai": 1.8, "torch-fp32": 4.1, "torch-bf16": 2.1}
+MEMORY_FLOOR = {"ortgenai": 7.5e9}
 
 
 class Runner:
@@ -126,7 +128,8 @@ class Runner:
         per_param = MEMORY_PER_PARAM.get(key, MEMORY_PER_PARAM.get(peer.family))
         if per_param is None or self.force:
             return None
-        need, have = per_param * self.dims["llm_params"], _mem_available()
+        need = max(per_param * self.dims["llm_params"], MEMORY_FLOOR.get(peer.family, 0))
+        have = _mem_available()
         if need > have:
             return (f"needs ~{need / 1e9:.0f} GB ({per_param} B/param), {have / 1e9:.0f} GB available "
                     "(--force to try anyway)")
