@@ -1,7 +1,8 @@
 """One decode step's attention on the CPU: GroupQueryAttention (what the decoder uses) against plain ops.
 
 GroupQueryAttention as the decoder graph calls it (S = 1, rotary inside, the KV cache one shared
-buffer written in place), in fp32 and in fp16 (q/k/v cast at its edges), against the same math in
+buffer written in place), in fp32, in fp16 (q/k/v cast at its edges) and with an int8 cache (ORT's
+kv_cache_bit_width=8 with static per-channel scales, which would need calibration), against the same math in
 plain batched ops over an already-sliced cache: FusedMatMul(q, K^T) -> Softmax -> MatMul(V), with
 the query heads of one KV group as the M = G rows of one GEMM. The plain form has no in-place cache
 write and needs a contiguous [kv, L, d] cache, so it is a measurement of what the kernel leaves on
@@ -32,25 +33,32 @@ def gqa_model(heads: int, kv_heads: int, head_dim: int, dtype: type):
     from onnx import TensorProto as T
     from onnx import helper
 
-    ot = T.FLOAT if dtype == np.float32 else T.FLOAT16
+    ot = T.FLOAT16 if dtype == np.float16 else T.FLOAT  # activations
+    ct = {np.float32: T.FLOAT, np.float16: T.FLOAT16, np.int8: T.INT8}[dtype]  # the cache
     nodes, qkv, out = [], "qkv", "o"
     if ot != T.FLOAT:
         nodes.append(helper.make_node("Cast", ["qkv"], ["qkv16"], to=ot))
         qkv, out = "qkv16", "o16"
+    inputs, quant = [qkv, "", "", "pk", "pv", "sl", "tl", "cos", "sin"], {}
+    if ct == T.INT8:
+        inputs += ["", "", "", "ks", "vs"]
+        quant = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
     nodes.append(helper.make_node(
-        "GroupQueryAttention", [qkv, "", "", "pk", "pv", "sl", "tl", "cos", "sin"], [out, "prk", "prv"],
-        domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, scale=head_dim ** -0.5))
+        "GroupQueryAttention", inputs, [out, "prk", "prv"], domain="com.microsoft", num_heads=heads,
+        kv_num_heads=kv_heads, do_rotary=1, scale=head_dim ** -0.5, **quant))
     if ot != T.FLOAT:
         nodes.append(helper.make_node("Cast", ["o16"], ["o"], to=T.FLOAT))
     kv = [1, kv_heads, MAX_LEN, head_dim]
+    scales = [helper.make_tensor_value_info(n, T.FLOAT, [1, kv_heads, 1, head_dim]) for n in ("ks", "vs")]
     g = helper.make_graph(nodes, "gqa", [
         helper.make_tensor_value_info("qkv", T.FLOAT, [1, 1, (heads + 2 * kv_heads) * head_dim]),
-        helper.make_tensor_value_info("pk", ot, kv), helper.make_tensor_value_info("pv", ot, kv),
+        helper.make_tensor_value_info("pk", ct, kv), helper.make_tensor_value_info("pv", ct, kv),
         helper.make_tensor_value_info("sl", T.INT32, [1]), helper.make_tensor_value_info("tl", T.INT32, []),
         helper.make_tensor_value_info("cos", ot, [MAX_LEN, head_dim // 2]),
-        helper.make_tensor_value_info("sin", ot, [MAX_LEN, head_dim // 2])], [
-        helper.make_tensor_value_info("o", T.FLOAT, None), helper.make_tensor_value_info("prk", ot, kv),
-        helper.make_tensor_value_info("prv", ot, kv)])
+        helper.make_tensor_value_info("sin", ot, [MAX_LEN, head_dim // 2]),
+        *(scales if ct == T.INT8 else [])], [
+        helper.make_tensor_value_info("o", T.FLOAT, None), helper.make_tensor_value_info("prk", ct, kv),
+        helper.make_tensor_value_info("prv", ct, kv)])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
 
 
@@ -87,11 +95,12 @@ def measure(heads: int, kv_heads: int, head_dim: int, lengths: list[int], thread
     import onnxruntime as ort
 
     rng, rows = np.random.default_rng(0), []
-    for dtype in (np.float32, np.float16):
+    for dtype in (np.float32, np.float16, np.int8):
         s = _session(gqa_model(heads, kv_heads, head_dim, dtype), threads)
-        pk, pv = (ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, kv_heads, MAX_LEN, head_dim)).astype(dtype))
-                  for _ in range(2))
-        cos, sin = (rng.standard_normal((MAX_LEN, head_dim // 2)).astype(dtype) for _ in range(2))
+        cache = rng.standard_normal((1, kv_heads, MAX_LEN, head_dim)) * (40 if dtype == np.int8 else 1)
+        pk, pv = (ort.OrtValue.ortvalue_from_numpy(cache.astype(dtype)) for _ in range(2))
+        act = np.float16 if dtype == np.float16 else np.float32
+        cos, sin = (rng.standard_normal((MAX_LEN, head_dim // 2)).astype(act) for _ in range(2))
         for n in lengths:
             b = s.io_binding()
             b.bind_cpu_input("qkv", rng.standard_normal((1, 1, (heads + 2 * kv_heads) * head_dim)).astype(np.float32))
@@ -101,6 +110,9 @@ def measure(heads: int, kv_heads: int, head_dim: int, lengths: list[int], thread
             b.bind_cpu_input("tl", np.array(n, np.int32))
             b.bind_cpu_input("cos", cos)
             b.bind_cpu_input("sin", sin)
+            if dtype == np.int8:
+                for name in ("ks", "vs"):
+                    b.bind_cpu_input(name, np.full((1, kv_heads, 1, head_dim), 0.02, np.float32))
             b.bind_output("o")
             b.bind_ortvalue_output("prk", pk)
             b.bind_ortvalue_output("prv", pv)
@@ -115,7 +127,8 @@ def measure(heads: int, kv_heads: int, head_dim: int, lengths: list[int], thread
         b.bind_output("o")
         rows.append({"kernel": "plain ops float32", "length": n, "us": _median_us(s, b)})
     for r in rows:  # K and V read once each, in the cache's dtype
-        r["effective_gb_s"] = 2 * kv_heads * r["length"] * head_dim * (2 if "float16" in r["kernel"] else 4) / r["us"] / 1e3
+        width = 1 if "int8" in r["kernel"] else 2 if "float16" in r["kernel"] else 4
+        r["effective_gb_s"] = 2 * kv_heads * r["length"] * head_dim * width / r["us"] / 1e3
     return rows
 
 
