@@ -2,12 +2,12 @@
 
 GroupQueryAttention as the decoder graph calls it (S = 1, rotary inside, the KV cache one shared
 buffer written in place), in fp32, in fp16 (q/k/v cast at its edges) and with an int8 cache (ORT's
-kv_cache_bit_width=8 with static per-channel scales, which would need calibration), against the same math in
-plain batched ops over an already-sliced cache: FusedMatMul(q, K^T) -> Softmax -> MatMul(V), with
-the query heads of one KV group as the M = G rows of one GEMM (rotary left out: it costs the same
-in both). The plain form has no in-place cache
-write and needs a contiguous [kv, L, d] cache, so it is a measurement of what the kernel leaves on
-the table, not a drop-in replacement.
+kv_cache_bit_width=8, static per-channel scales, which would need calibration), against the same
+attention in plain batched ops over an already-sliced cache: FusedMatMul(q, K^T) -> Softmax ->
+MatMul(V), the query heads of one KV group as the M = G rows of one GEMM. The plain form leaves out
+rotary (for one token: the q and k rows only, not the cache) and the in-place cache write, and needs
+a contiguous [kv, L, d] cache: it measures what the kernel leaves on the table, it is not a
+drop-in replacement.
 
     python -m benchmarks.attention [--heads 28 --kv-heads 4] [--lengths 512,2048,4000]
 """
