@@ -144,6 +144,7 @@ class Runner:
 
     def _prepare_ortgenai(self, key: str, peer: Peer) -> dict:
         if (done := self.reusable(key)) is not None:  # its source copy may be gone: not needed
+            log.info("-- %s: reusing %s", key, self.work / f"{key}.prepare.json")
             return done
         hf = self.prepared("hf-qwen2", "hf_qwen2", {"ckpt": str(self.ckpt), "out": str(self.work / "hf-qwen2")})
         if "error" in hf:
@@ -154,6 +155,7 @@ class Runner:
 
     def _prepare_llamacpp(self, key: str, peer: Peer) -> dict:
         if (done := self.reusable(key)) is not None:  # its BF16 source GGUF may be gone: not needed
+            log.info("-- %s: reusing %s", key, self.work / f"{key}.prepare.json")
             return done
         src = self.prepared("llm-gguf", "gguf_f16", {"ckpt": str(self.ckpt), "out": str(self.work / "llm.gguf")})
         if "error" in src:
