@@ -79,7 +79,6 @@ class Runner:
         """Run a preparation step once; with --reuse, an earlier successful result is kept."""
         res = self.reusable(name)
         if res is not None:
-            log.info("-- %s: reusing %s", step, self.work / f"{name}.prepare.json")
             return res
         res = self.worker(step, args)
         if "error" not in res and res.get("ok", True):
@@ -94,6 +93,7 @@ class Runner:
         res = json.loads(record.read_text())
         output = res.get("artifact") or res.get("path")
         if res.get("ok", "error" not in res) and (output is None or Path(output).exists()):
+            log.info("-- %s: reusing %s", name, record)
             return res
         return None
 
@@ -144,7 +144,6 @@ class Runner:
 
     def _prepare_ortgenai(self, key: str, peer: Peer) -> dict:
         if (done := self.reusable(key)) is not None:  # its source copy may be gone: not needed
-            log.info("-- %s: reusing %s", key, self.work / f"{key}.prepare.json")
             return done
         hf = self.prepared("hf-qwen2", "hf_qwen2", {"ckpt": str(self.ckpt), "out": str(self.work / "hf-qwen2")})
         if "error" in hf:
@@ -155,7 +154,6 @@ class Runner:
 
     def _prepare_llamacpp(self, key: str, peer: Peer) -> dict:
         if (done := self.reusable(key)) is not None:  # its BF16 source GGUF may be gone: not needed
-            log.info("-- %s: reusing %s", key, self.work / f"{key}.prepare.json")
             return done
         src = self.prepared("llm-gguf", "gguf_f16", {"ckpt": str(self.ckpt), "out": str(self.work / "llm.gguf")})
         if "error" in src:
