@@ -22,7 +22,7 @@ from .audio import OUTPUT as AUDIO_OUTPUT
 from .audio import build_audio_graph, chunk_frames
 from .checkpoint import Checkpoint, open_checkpoint
 from .decoder import IO as DECODER_IO
-from .decoder import build_decoder_graph
+from .decoder import build_decoder_graph, compute_dtype
 from .graph import GraphBuilder
 from .options import ExportOptions
 from .staging import staged_folder
@@ -197,7 +197,7 @@ def _manifest(ckpt, name, opts, graphs, embed, tokenizer, quant_errors) -> dict:
                     "num_layers": d.num_hidden_layers, "num_attention_heads": d.num_attention_heads,
                     "num_kv_heads": d.num_key_value_heads, "head_dim": d.head_dim, "hidden_size": d.hidden_size,
                     "vocab_size": d.vocab_size, "max_position_embeddings": d.max_position_embeddings,
-                    "kv_dtype": {"fp32": "float32", "fp16": "float16"}[opts.decoder_dtype]},
+                    "kv_dtype": compute_dtype(opts).name},
         "vision": {"file": "vision.onnx", **_graph_io(graphs["vision"]), "input_names": list(VISION_INPUTS),
                    "output_name": VISION_OUTPUT, "batch_size": int(cfg.raw.get("vision_batch_size", 16))},
         "embeddings": embed,
