@@ -1,10 +1,12 @@
-"""Where a decode step's time goes: ONNX Runtime's profiler on our decoder graph.
+"""Where a decode step's time goes: ONNX Runtime's profiler on our decoder graph, or on an
+onnxruntime-genai model folder (one with a genai_config.json) run by its own Generator.
 
-    python -m benchmarks.profile_decode BUNDLE [--steps 20] [--threads 2] [--prompt-tokens 512] [--json]
+    python -m benchmarks.profile_decode MODEL_DIR [--steps 20] [--threads 2] [--prompt-tokens 512] [--json]
 
 Runs the prompt, then `steps` greedy decode steps with SessionOptions.enable_profiling, and splits
 each step into operator groups (MatMulNBits of the layers, of the lm_head, GroupQueryAttention,
-norms, the rest), ORT's own overhead (model_run minus the kernels) and Python's (wall minus model_run).
+norms, the rest), ORT's own overhead (model_run minus the kernels) and the caller's (wall minus
+model_run: our Python loop, or onnxruntime-genai's C++ generator).
 """
 
 from __future__ import annotations
@@ -52,6 +54,48 @@ def profile_decode(bundle: Path, *, threads: int = 2, steps: int = 20, prompt_to
     merged = {"run_us": sum(r["run_us"] for r in prompt), "nodes": [n for r in prompt for n in r["nodes"]]}
     return {"bundle": str(bundle), "threads": threads, "steps": steps, "prompt_tokens": prompt_tokens,
             "trace": str(trace), "prefill": breakdown([merged], [prefill_wall]),
+            "decode": breakdown(runs[-steps:], walls)}
+
+
+def profile_ortgenai(model_dir: Path, *, threads: int = 2, steps: int = 20, prompt_tokens: int = 512,
+                     out_dir: Path | None = None) -> dict:
+    """The same breakdown for an onnxruntime-genai model, profiled inside its own Generator."""
+    import onnxruntime_genai as og
+
+    from .common import prompt_ids
+
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="minicpmo-profile-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1,
+        "enable_profiling": str(out_dir / "ortgenai")}}}}))
+    model = og.Model(config)
+    vocab = json.loads((model_dir / "genai_config.json").read_text())["model"]["vocab_size"]
+    total = prompt_tokens + steps + 1
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=total, min_length=total, batch_size=1)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt_ids(prompt_tokens, vocab))
+    gen.generate_next_token()  # picks from the prompt's logits: no model run
+    prefill_wall = time.perf_counter() - t0
+    walls = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        gen.generate_next_token()
+        walls.append(time.perf_counter() - t0)
+    del gen, params, model  # the session writes its trace when it is destroyed
+    traces = sorted(out_dir.glob("ortgenai*.json"), key=lambda f: f.stat().st_mtime)
+    if not traces:
+        raise RuntimeError(f"onnxruntime-genai wrote no profile into {out_dir}")
+    runs = split_runs(json.loads(traces[-1].read_text()))
+    if len(runs) <= steps:
+        raise RuntimeError(f"expected more than {steps} runs in {traces[-1]}, found {len(runs)}")
+    prompt = runs[:-steps]
+    merged = {"run_us": sum(r["run_us"] for r in prompt), "nodes": [n for r in prompt for n in r["nodes"]]}
+    return {"bundle": str(model_dir), "threads": threads, "steps": steps, "prompt_tokens": prompt_tokens,
+            "trace": str(traces[-1]), "prefill": breakdown([merged], [prefill_wall]),
             "decode": breakdown(runs[-steps:], walls)}
 
 
@@ -107,9 +151,9 @@ def markdown(result: dict) -> str:
              f"{result['threads']} threads; medians per step (the prompt: one run).", "",
              "| part | decode ms/step | % of the step | prompt ms |", "|---|---|---|---|"]
     dec, pre = result["decode"], result["prefill"]
-    parts = [*dec["groups_ms"], "ORT overhead (run - kernels)", "Python (wall - run)"]
+    parts = [*dec["groups_ms"], "ORT overhead (run - kernels)", "caller (wall - run)"]
     for p in parts:
-        key = {"ORT overhead (run - kernels)": "ort_overhead_ms", "Python (wall - run)": "python_overhead_ms"}.get(p)
+        key = {"ORT overhead (run - kernels)": "ort_overhead_ms", "caller (wall - run)": "python_overhead_ms"}.get(p)
         d = dec[key] if key else dec["groups_ms"][p]
         q = pre[key] if key else pre["groups_ms"][p]
         lines.append(f"| {p} | {d:.2f} | {100 * d / dec['wall_ms']:.1f}% | {q:.1f} |")
@@ -119,15 +163,15 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_decode", description=__doc__.split("\n")[0])
-    p.add_argument("bundle", type=Path)
+    p.add_argument("bundle", type=Path, help="our bundle, or an onnxruntime-genai model folder")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--out-dir", type=Path, help="where the ORT trace goes [a temp folder]")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    res = profile_decode(a.bundle, threads=a.threads, steps=a.steps, prompt_tokens=a.prompt_tokens,
-                         out_dir=a.out_dir)
+    run = profile_ortgenai if (a.bundle / "genai_config.json").is_file() else profile_decode
+    res = run(a.bundle, threads=a.threads, steps=a.steps, prompt_tokens=a.prompt_tokens, out_dir=a.out_dir)
     print(json.dumps(res, indent=2) if a.json else markdown(res))
     return 0
 
