@@ -97,13 +97,14 @@ class StepStats:
 def generate_tokens(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
                     prompt_embeds: np.ndarray, prompt_keys: Sequence[Hashable], prompt_ids: np.ndarray,
                     sample: Callable[[np.ndarray, np.ndarray, int], int], max_tokens: int,
-                    stop_ids: set[int], stats: StepStats) -> Iterator[int]:
+                    stop_ids: set[int], stats: StepStats, reuse_prefix: bool = True) -> Iterator[int]:
     """Yield generated token ids (a stop id is yielded too, then the loop ends).
 
-    Reuses the longest cached prefix of the prompt; the caller closes the generator to cancel.
+    Reuses the longest cached prefix of the prompt unless `reuse_prefix` is False; the caller closes
+    the generator to cancel.
     """
     kv = decoder.kv
-    reuse = kv.common_prefix(prompt_keys)
+    reuse = kv.common_prefix(prompt_keys) if reuse_prefix else 0
     reuse = min(reuse, len(prompt_keys) - 1)  # at least one position must run to get logits
     kv.truncate(reuse)
     stats.cached_tokens = reuse

@@ -109,7 +109,7 @@ class Pipeline:
         usage.vision_seconds = time.perf_counter() - t0  # image and audio encoders
         stats = StepStats()
         tokens = generate_tokens(self.decoder, self.embed, embeds, keys, ids, sampler, max_tokens,
-                                 self.stop_ids | set(params.stop_token_ids), stats)
+                                 self.stop_ids | set(params.stop_token_ids), stats, reuse_prefix=params.cache_prompt)
         yield from self._stream_text(tokens, params, usage, stats)
 
     def _check_context(self, n_prompt: int, max_tokens: int) -> int:

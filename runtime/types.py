@@ -28,6 +28,10 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    # False: prefill the whole prompt even where the KV cache already holds its start. With int8
+    # activations (the int4 decoder's default) a cached prefix is not bit-identical to a cold prefill,
+    # so a greedy reply can differ; a cold prefill is reproducible run to run.
+    cache_prompt: bool = True
 
 
 @dataclass

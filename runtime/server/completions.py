@@ -73,6 +73,7 @@ def generation_params(req: ChatCompletionRequest, context_length: int, settings:
         frequency_penalty=req.frequency_penalty or 0.0,
         seed=req.seed,
         stop=stop,
+        cache_prompt=req.cache_prompt is not False,
     )
 
 

@@ -123,6 +123,7 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = None  # only 1 is served
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    cache_prompt: bool | None = None  # extension (llama.cpp server's name): false = no KV prefix reuse
     # accepted and ignored
     user: str | None = None
     metadata: dict[str, str] | None = None

@@ -91,3 +91,17 @@ def test_video_frames_extension(server, int4_bundle, tmp_path):
                                                {"type": "text", "text": "What happens?"}]}])
     assert reply.choices[0].message.content == expected["text"]
     assert reply.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
+
+
+def test_cache_prompt_false_prefills_the_whole_prompt(server):
+    """A repeated prompt re-uses its KV prefix (usage.prompt_tokens_details.cached_tokens); the
+    `cache_prompt: false` extension turns that off for one request and gives the same greedy reply."""
+    model = server.models.list().data[0].id
+    messages = [{"role": "user", "content": "Name three colours."}]
+    first = server.chat.completions.create(model=model, max_tokens=6, temperature=0, messages=messages)
+    warm = server.chat.completions.create(model=model, max_tokens=6, temperature=0, messages=messages)
+    cold = server.chat.completions.create(model=model, max_tokens=6, temperature=0, messages=messages,
+                                          extra_body={"cache_prompt": False})
+    assert warm.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.choices[0].message.content == first.choices[0].message.content
