@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 from tokenizers import Tokenizer
 
 from ..runtime import manifest as mf
@@ -22,7 +23,7 @@ from .audio import OUTPUT as AUDIO_OUTPUT
 from .audio import build_audio_graph, chunk_frames
 from .checkpoint import Checkpoint, open_checkpoint
 from .decoder import IO as DECODER_IO
-from .decoder import build_decoder_graph, compute_dtype
+from .decoder import build_decoder_graph, compute_dtype, use_int8_kv_cache
 from .graph import GraphBuilder
 from .options import ExportOptions
 from .staging import staged_folder
@@ -108,6 +109,31 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, name: str, opts: ExportOptions
     progress("hashing", 0, len(files))
     manifest["files"] = mf.describe_files(folder, files)
     (folder / mf.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if opts.kv_cache == "int8":
+        progress("kv calibration", 0, 1)
+        _use_int8_kv_cache(folder, manifest, opts, audio)
+        progress("kv calibration", 1, 1)
+
+
+def _use_int8_kv_cache(folder: Path, manifest: dict, opts: ExportOptions, audio: bool) -> None:
+    """Calibrate the finished bundle's fp32 cache, then switch its decoder graph to an int8 cache.
+    Only decoder.onnx changes (the weights file is untouched), so only its manifest entry is redone."""
+    from ..runtime.errors import InputError
+    from .kv_calibration import calibration_conversations, measure_kv_scales
+
+    try:
+        conversations = calibration_conversations(opts.kv_calibration_text, audio)
+        scales = measure_kv_scales(folder, conversations)
+    except (OSError, UnicodeDecodeError, ValueError, InputError) as e:
+        raise ExportError(f"KV calibration: {e}") from e
+    path = folder / "decoder.onnx"
+    model = onnx.load(path, load_external_data=False)
+    use_int8_kv_cache(model, scales.keys, scales.values)
+    onnx.save(model, path)
+    manifest["decoder"].update(_io_of(model.graph.input, model.graph.output), kv_dtype="int8",
+                               kv_calibration=scales.summary)
+    manifest["files"]["decoder.onnx"] = mf.describe_files(folder, ["decoder.onnx"])["decoder.onnx"]
+    (folder / mf.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def write_encoder(folder: Path, name: str, opts: ExportOptions, build) -> GraphBuilder:
@@ -175,10 +201,14 @@ def _write_tokenizer(ckpt: Checkpoint, folder: Path) -> dict:
 
 
 def _graph_io(g: GraphBuilder) -> dict:
+    return _io_of(g.inputs, g.outputs)
+
+
+def _io_of(inputs, outputs) -> dict:
     def describe(v):
         dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
         return {"name": v.name, "elem_type": v.type.tensor_type.elem_type, "shape": dims}
-    return {"inputs": [describe(v) for v in g.inputs], "outputs": [describe(v) for v in g.outputs]}
+    return {"inputs": [describe(v) for v in inputs], "outputs": [describe(v) for v in outputs]}
 
 
 def _manifest(ckpt, name, opts, graphs, embed, tokenizer, quant_errors) -> dict:
@@ -191,7 +221,8 @@ def _manifest(ckpt, name, opts, graphs, embed, tokenizer, quant_errors) -> dict:
         "source": ckpt.identity(),
         "options": {"precision": opts.precision, "lm_head_precision": opts.head_precision,
                     "vision_precision": opts.vision_precision, "block_size": opts.block_size,
-                    "accuracy_level": opts.accuracy_level, "decoder_dtype": opts.decoder_dtype},
+                    "accuracy_level": opts.accuracy_level, "decoder_dtype": opts.decoder_dtype,
+                    "kv_cache": opts.kv_cache},
         "decoder": {"file": "decoder.onnx", **_graph_io(graphs["decoder"]),
                     "io": {k: getattr(DECODER_IO, k) for k in DECODER_IO.__dataclass_fields__},
                     "num_layers": d.num_hidden_layers, "num_attention_heads": d.num_attention_heads,

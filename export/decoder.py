@@ -9,6 +9,7 @@ Outputs: logits [1, 1, V] f32 (last position only: prefill never pays for S x V 
 The compute dtype (`ExportOptions.decoder_dtype`) is that of the KV cache, the activations, the norm
 weights and the quantization scales: fp32 for CPUs, fp16 for GPUs. inputs_embeds and logits are f32
 either way (cast at the graph's edges), so the runtime feeds and reads both variants alike.
+`use_int8_kv_cache` turns a built fp32 graph's cache into int8 (static per-channel scales).
 
 One layer (x = residual stream):
 
@@ -20,11 +21,12 @@ One layer (x = residual stream):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import TensorProto
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from .graph import MS_DOMAIN, NP_TO_ONNX, GraphBuilder
 from .hf_config import DecoderConfig
@@ -83,6 +85,36 @@ def _attention(g, i, n, cfg, read, opts, on_error, cos, sin) -> str:
     )[0]
     return linear(g, f"{name}/o_proj", attn, read(p + "o_proj.weight"), None, precision=opts.precision,
                   block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
+
+
+def use_int8_kv_cache(model: onnx.ModelProto, k_scales: Sequence[np.ndarray], v_scales: Sequence[np.ndarray]) -> None:
+    """Switch every layer's KV cache of a built fp32 decoder to int8, in place (the graph only: the
+    weights' external data file is untouched).
+
+    ORT's CPU GroupQueryAttention then quantizes each new K/V row as round(x / scale) clamped to
+    [-128, 127] and dequantizes in its attention loop; scales are per layer, KV head and channel,
+    [1, kv_heads, 1, head_dim], and enter as inputs 12 and 13 (after position_ids, attention_bias and
+    head_sink, unused here).
+    """
+    layers = len(k_scales)
+    kv_names = {n.format(i=i) for i in range(layers)
+                for n in (IO.past_key, IO.past_value, IO.present_key, IO.present_value)}
+    for v in (*model.graph.input, *model.graph.output):
+        if v.name in kv_names:
+            v.type.tensor_type.elem_type = TensorProto.INT8
+    by_name = {n.name: n for n in model.graph.node}
+    for i in range(layers):
+        node = by_name[f"/model/layers.{i}/attn/GroupQueryAttention"]
+        names = []
+        for kind, scale in (("k", k_scales[i]), ("v", v_scales[i])):
+            name = f"/model/layers.{i}/attn/{kind}_scale"
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(scale, np.float32), name))
+            names.append(name)
+        del node.input[9:]
+        node.input.extend(["", "", "", *names])
+        node.attribute.extend([helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                               helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                               helper.make_attribute("kv_cache_bit_width", 8)])
 
 
 def _mlp(g, i, n, read, opts, on_error) -> str:

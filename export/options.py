@@ -8,6 +8,7 @@ PRECISIONS = ("int4", "int8", "fp32")
 VISION_PRECISIONS = ("fp32", "fp16", "int8")
 DECODER_DTYPES = ("fp32", "fp16")
 BLOCK_SIZES = (16, 32, 64, 128)
+KV_CACHES = ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class ExportOptions:
     # ONNX Runtime's CUDA GroupQueryAttention has fp16/bf16 kernels only, and fp16 halves the KV
     # cache. fp32 is the CPU default (x86 CPUs have no fast fp16 arithmetic).
     decoder_dtype: str = "fp32"
+    # The KV cache: "auto" = the decoder dtype. "int8" (fp32 decoder only, CPU): ORT's
+    # GroupQueryAttention stores K and V as int8 with static per-channel scales, which the export
+    # calibrates by running the bundle on `kv_calibration_text` (None: a short built-in set).
+    kv_cache: str = "auto"
+    kv_calibration_text: str | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -36,6 +42,13 @@ class ExportOptions:
             raise ValueError(f"block size must be one of {BLOCK_SIZES}, got {self.block_size}")
         if self.decoder_dtype not in DECODER_DTYPES:
             raise ValueError(f"decoder dtype must be one of {DECODER_DTYPES}, got {self.decoder_dtype!r}")
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"kv cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
+        if self.kv_cache == "int8" and self.decoder_dtype != "fp32":
+            raise ValueError("an int8 KV cache needs the fp32 decoder (ONNX Runtime's int8 cache is a CPU "
+                             "GroupQueryAttention feature; the fp16 decoder is the GPU variant)")
+        if self.kv_calibration_text is not None and self.kv_cache != "int8":
+            raise ValueError("a KV calibration text is only used with an int8 KV cache (--kv-cache int8)")
         if not 0 <= self.accuracy_level <= 4:
             raise ValueError(f"accuracy level must be 0..4, got {self.accuracy_level}")
 

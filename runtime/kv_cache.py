@@ -63,6 +63,12 @@ class KVCache:
             io.bind_ortvalue_output(self._names["present_key"].format(i=i), k)
             io.bind_ortvalue_output(self._names["present_value"].format(i=i), v)
 
+    def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of layer i's keys and values at the filled positions, [kv_heads, length, head_dim]
+        (after rotary, as attention reads them; the export calibrates an int8 cache from these)."""
+        k, v = self._buffers[i]
+        return k.numpy()[0, :, :self.length].copy(), v.numpy()[0, :, :self.length].copy()
+
     def append(self, keys: Sequence[Hashable]) -> None:
         """Record that the positions after the current length now hold `keys`."""
         if self.length + len(keys) > self.max_length:

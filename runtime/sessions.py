@@ -29,14 +29,14 @@ def resolve_provider(provider: str) -> str:
 
 
 def kv_device(provider: str, kv_dtype: np.dtype) -> str:
-    """Where the KV cache lives. On CUDA it stays on the GPU for an fp16 decoder. An fp32 decoder has
-    no CUDA GroupQueryAttention kernel (fp16/bf16 only), so ONNX Runtime runs that node on the CPU and
-    its KV cache must stay in host memory; that works, slowly, and says so."""
+    """Where the KV cache lives. On CUDA it stays on the GPU for an fp16 decoder. An fp32 or int8 cache
+    has no CUDA GroupQueryAttention kernel (fp16/bf16 only), so ONNX Runtime runs that node on the CPU
+    and its KV cache must stay in host memory; that works, slowly, and says so."""
     if provider != "cuda":
         return "cpu"
-    if kv_dtype == np.float32:
-        log.warning("this bundle's decoder is fp32: on CUDA its attention runs on the CPU; export with "
-                    "--decoder-dtype fp16 for GPUs")
+    if kv_dtype != np.float16:
+        log.warning("this bundle's KV cache is %s: on CUDA its attention runs on the CPU; export with "
+                    "--decoder-dtype fp16 for GPUs", kv_dtype.name)
         return "cpu"
     return "cuda"
 

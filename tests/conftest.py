@@ -49,6 +49,12 @@ def int8_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def int4_kv8_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
+    """int4 weights with an int8 KV cache calibrated at export."""
+    return _export(tmp_path_factory, tiny_checkpoint, "tiny-int4-kv8", precision="int4", kv_cache="int8")
+
+
+@pytest.fixture(scope="session")
 def int4_fp16_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
     """The GPU variant: int4 weights, fp16 activations, scales and KV cache."""
     return _export(tmp_path_factory, tiny_checkpoint, "tiny-int4-fp16", precision="int4", decoder_dtype="fp16")

@@ -132,3 +132,12 @@ def test_synth_export_infer_with_the_builtin_tokenizer(tmp_path):
     out = json.loads(minicpmo("infer", "--model", tmp_path / "fp16", "--prompt", "Hi", "--max-tokens", "3",
                               "--json").stdout)
     assert out["usage"]["completion_tokens"] >= 1
+    # The int8 KV cache: calibrated during the export, then a normal bundle.
+    minicpmo("export", ckpt, "-o", tmp_path / "kv8", "--kv-cache", "int8")
+    assert json.loads((tmp_path / "kv8" / "manifest.json").read_text())["decoder"]["kv_dtype"] == "int8"
+    out = json.loads(minicpmo("infer", "--model", tmp_path / "kv8", "--image", DEMO_IMAGE, "--prompt", "Hi",
+                              "--max-tokens", "3", "--json").stdout)
+    assert out["usage"]["completion_tokens"] >= 1
+    proc = minicpmo("export", ckpt, "-o", tmp_path / "bad", "--kv-cache", "int8", "--decoder-dtype", "fp16",
+                    check=False)
+    assert proc.returncode == 1 and "fp32 decoder" in proc.stderr and "Traceback" not in proc.stderr

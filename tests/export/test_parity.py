@@ -133,7 +133,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-@pytest.mark.parametrize("bundle_fixture", ["int4_bundle", "int8_bundle", "int4_fp16_bundle"])
+@pytest.mark.parametrize("bundle_fixture", ["int4_bundle", "int8_bundle", "int4_fp16_bundle", "int4_kv8_bundle"])
 @pytest.mark.parametrize("case", ["text only", "image 5:2", "two images"])
 def test_quantized_logits_close_to_fp32(bundle_fixture, case, request, fp32_pipe):
     pipe = Pipeline.load(request.getfixturevalue(bundle_fixture), provider="cpu", context_length=4096)
