@@ -67,8 +67,8 @@ def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path |
 @click.option("--decoder-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16 for GPUs (CUDA): activations, scales and KV cache in fp16.")
 @click.option("--kv-cache", type=click.Choice(["auto", "int8"]), default="auto", show_default=True,
-              help="int8: a quarter of the KV cache's memory and faster long-context attention (CPU, fp32 "
-                   "decoder), with static scales calibrated at export; auto: the decoder dtype.")
+              help="int8: a quarter of the KV cache's memory (CPU, fp32 decoder; decode attention faster, "
+                   "prompt attention slower), static scales calibrated at export; auto: the decoder dtype.")
 @click.option("--kv-calibration-text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With --kv-cache int8: a text file to calibrate on as well (one prompt per paragraph).")
 @click.option("--no-audio", is_flag=True, help="Do not export the audio encoder.")
