@@ -39,22 +39,12 @@ def cases() -> dict[str, list[dict]]:
 
 
 def _run(pipe, messages, max_tokens: int = 32) -> tuple[np.ndarray, list[int]]:
+    """The first token's logits and a greedy reply, each from a cold prefill."""
     from minicpmo.runtime.types import GenerationParams
 
-    captured = {}
-    prefill = pipe.decoder.prefill
-
-    def spy(embeds, keys, **kw):
-        captured["logits"] = prefill(embeds, keys, **kw).copy()
-        return captured["logits"]
-
-    pipe.decoder.prefill = spy
-    try:
-        pipe.kv.reset()
-        tokens = [t for c in pipe.generate(messages, GenerationParams(max_tokens=max_tokens)) for t in c.token_ids]
-    finally:
-        del pipe.decoder.prefill
-    return captured["logits"], tokens
+    logits, _ = pipe.prompt_logits(messages, cache_prompt=False)
+    params = GenerationParams(max_tokens=max_tokens, cache_prompt=False)
+    return logits, [t for c in pipe.generate(messages, params) for t in c.token_ids]
 
 
 def compare(fp32_kv: Path, int8_kv: Path, threads: int = 2) -> list[dict]:

@@ -94,6 +94,21 @@ class StepStats:
     cached_tokens: int = 0
 
 
+def prefill_prompt(decoder: Decoder, prompt_embeds: np.ndarray, prompt_keys: Sequence[Hashable],
+                   stats: StepStats, reuse_prefix: bool = True) -> np.ndarray:
+    """Run the part of the prompt the cache does not hold (all of it when `reuse_prefix` is False);
+    return the logits of its last position (a view the next decoder call overwrites)."""
+    kv = decoder.kv
+    reuse = kv.common_prefix(prompt_keys) if reuse_prefix else 0
+    reuse = min(reuse, len(prompt_keys) - 1)  # at least one position must run to get logits
+    kv.truncate(reuse)
+    stats.cached_tokens = reuse
+    t0 = time.perf_counter()
+    logits = decoder.prefill(prompt_embeds[reuse:], prompt_keys[reuse:])
+    stats.prefill_seconds = time.perf_counter() - t0
+    return logits
+
+
 def generate_tokens(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
                     prompt_embeds: np.ndarray, prompt_keys: Sequence[Hashable], prompt_ids: np.ndarray,
                     sample: Callable[[np.ndarray, np.ndarray, int], int], max_tokens: int,
@@ -103,14 +118,7 @@ def generate_tokens(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
     Reuses the longest cached prefix of the prompt unless `reuse_prefix` is False; the caller closes
     the generator to cancel.
     """
-    kv = decoder.kv
-    reuse = kv.common_prefix(prompt_keys) if reuse_prefix else 0
-    reuse = min(reuse, len(prompt_keys) - 1)  # at least one position must run to get logits
-    kv.truncate(reuse)
-    stats.cached_tokens = reuse
-    t0 = time.perf_counter()
-    logits = decoder.prefill(prompt_embeds[reuse:], prompt_keys[reuse:])
-    stats.prefill_seconds = time.perf_counter() - t0
+    logits = prefill_prompt(decoder, prompt_embeds, prompt_keys, stats, reuse_prefix)
     history = list(np.asarray(prompt_ids, dtype=np.int64))
     n_prompt = len(history)
     t0 = time.perf_counter()

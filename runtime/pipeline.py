@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AudioError, ContextLengthError, InputError
-from .generate import Decoder, StepStats, generate_tokens
+from .generate import Decoder, StepStats, generate_tokens, prefill_prompt
 from .kv_cache import KVCache
 from .manifest import Manifest, load_manifest
 from .preprocess.image import SlicingParams
@@ -91,6 +91,23 @@ class Pipeline:
         """Stream the assistant's reply. Bad input raises (InputError...) before the first chunk."""
         params = params or GenerationParams()
         sampler = make_sampler(params)
+        ids, embeds, keys, usage, max_tokens = self._prepare(messages, params)
+        stats = StepStats()
+        tokens = generate_tokens(self.decoder, self.embed, embeds, keys, ids, sampler, max_tokens,
+                                 self.stop_ids | set(params.stop_token_ids), stats, reuse_prefix=params.cache_prompt)
+        yield from self._stream_text(tokens, params, usage, stats)
+
+    def prompt_logits(self, messages: list[Message], cache_prompt: bool = True) -> tuple[np.ndarray, int]:
+        """The logits the first reply token is sampled from (a copy), and how many prompt positions
+        came from the KV cache: for parity checks and for comparing bundles."""
+        ids, embeds, keys, _, _ = self._prepare(messages, GenerationParams(max_tokens=1))
+        stats = StepStats()
+        logits = prefill_prompt(self.decoder, embeds, keys, stats, reuse_prefix=cache_prompt)
+        return logits.copy(), stats.cached_tokens
+
+    def _prepare(self, messages: list[Message], params: GenerationParams):
+        """Prompt ids, their embeddings (images and audio spliced in) and cache keys, the usage so far,
+        and the number of tokens the context leaves for the reply."""
         usage = Usage()
         images = [self.vision.prepare(img, max_slices) for img, max_slices in _visual_parts(messages)]
         clips = _audio_parts(messages)
@@ -107,10 +124,7 @@ class Pipeline:
         if clips:
             embeds, keys = self._splice_audio(ids, embeds, keys, clips)
         usage.vision_seconds = time.perf_counter() - t0  # image and audio encoders
-        stats = StepStats()
-        tokens = generate_tokens(self.decoder, self.embed, embeds, keys, ids, sampler, max_tokens,
-                                 self.stop_ids | set(params.stop_token_ids), stats, reuse_prefix=params.cache_prompt)
-        yield from self._stream_text(tokens, params, usage, stats)
+        return ids, embeds, keys, usage, max_tokens
 
     def _check_context(self, n_prompt: int, max_tokens: int) -> int:
         if max_tokens < 1:

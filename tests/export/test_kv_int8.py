@@ -58,23 +58,6 @@ def test_cache_rounds_within_half_a_step(int4_kv8_bundle, int4_bundle):
         assert 127 / MARGIN / 2 <= np.abs(q).max() <= 127 / MARGIN + 1
 
 
-def _prompt_logits(pipe: Pipeline, messages, **params) -> tuple[np.ndarray, int]:
-    """The logits after the prompt and how many prompt tokens came from the cache."""
-    captured = {}
-    prefill = pipe.decoder.prefill
-
-    def spy(embeds, keys, **kw):
-        captured["logits"] = prefill(embeds, keys, **kw).copy()
-        return captured["logits"]
-
-    pipe.decoder.prefill = spy
-    try:
-        chunks = list(pipe.generate(messages, GenerationParams(max_tokens=1, **params)))
-    finally:
-        del pipe.decoder.prefill
-    return captured["logits"], chunks[-1].usage.cached_prompt_tokens
-
-
 def test_follow_up_turn_reuses_the_int8_cache(int4_kv8_bundle):
     """A chat turn continues from the earlier turns' int8 cache; its logits match a cold prefill."""
     pipe = Pipeline.load(int4_kv8_bundle, provider="cpu", context_length=1024)
@@ -82,8 +65,8 @@ def test_follow_up_turn_reuses_the_int8_cache(int4_kv8_bundle):
     pipe.kv.reset()
     reply = "".join(c.text for c in pipe.generate(first, GenerationParams(max_tokens=6)))
     follow = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And lakes?"}]
-    warm, cached = _prompt_logits(pipe, follow)
-    cold, none = _prompt_logits(pipe, follow, cache_prompt=False)
+    warm, cached = pipe.prompt_logits(follow)
+    cold, none = pipe.prompt_logits(follow, cache_prompt=False)
     assert cached > 0 and none == 0
     assert float(warm @ cold / np.linalg.norm(warm) / np.linalg.norm(cold)) >= 0.99
 

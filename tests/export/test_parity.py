@@ -94,7 +94,7 @@ def test_prefill_logits_match_reference(weights, cfg, tiny_checkpoint, fp32_pipe
     messages = CONVERSATIONS["image 3:2 large"]
     _, ref_logits = reference_prefill_logits(weights, cfg, tiny_checkpoint, to_reference_messages(messages))
     fp32_pipe.kv.reset()
-    np.testing.assert_allclose(_first_logits(fp32_pipe, messages), ref_logits[0, -1].numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(fp32_pipe.prompt_logits(messages)[0], ref_logits[0, -1].numpy(), atol=1e-4, rtol=0)
 
 
 def test_cached_prefix_gives_the_same_tokens(fp32_pipe):
@@ -111,24 +111,6 @@ def test_cached_prefix_gives_the_same_tokens(fp32_pipe):
     assert [t for c in warm for t in c.token_ids] == [t for c in cold for t in c.token_ids]
 
 
-def _first_logits(pipe: Pipeline, messages) -> np.ndarray:
-    """Logits after the prompt, through the pipeline's own preprocessing and graphs."""
-    gen = pipe.generate(messages, GenerationParams(max_tokens=1))
-    captured = {}
-    forward = pipe.decoder.prefill
-
-    def spy(embeds, keys, **kw):
-        captured["logits"] = forward(embeds, keys, **kw).copy()
-        return captured["logits"]
-
-    pipe.decoder.prefill = spy
-    try:
-        list(gen)
-    finally:
-        del pipe.decoder.prefill
-    return captured["logits"]
-
-
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
@@ -139,7 +121,7 @@ def test_quantized_logits_close_to_fp32(bundle_fixture, case, request, fp32_pipe
     pipe = Pipeline.load(request.getfixturevalue(bundle_fixture), provider="cpu", context_length=4096)
     messages = CONVERSATIONS[case]
     fp32_pipe.kv.reset()
-    assert _cosine(_first_logits(pipe, messages), _first_logits(fp32_pipe, messages)) >= 0.99
+    assert _cosine(pipe.prompt_logits(messages)[0], fp32_pipe.prompt_logits(messages)[0]) >= 0.99
 
 
 def test_fp16_decoder_variant(int4_fp16_bundle, int4_bundle):

@@ -24,18 +24,6 @@ IMAGE_PROMPT = [{"role": "user", "content": [{"type": "image", "image": make_ima
                                              {"type": "text", "text": "What is in this picture?"}]}]
 
 
-def _first_logits(pipe: Pipeline, messages) -> np.ndarray:
-    pipe.kv.reset()
-    captured = {}
-    prefill = pipe.decoder.prefill
-    pipe.decoder.prefill = lambda embeds, keys, **kw: captured.setdefault("logits", prefill(embeds, keys, **kw).copy())
-    try:
-        list(pipe.generate(messages, GenerationParams(max_tokens=1)))
-    finally:
-        del pipe.decoder.prefill
-    return captured["logits"]
-
-
 def _greedy(pipe: Pipeline, messages, n: int = 16) -> list[int]:
     pipe.kv.reset()
     return [t for c in pipe.generate(messages, GenerationParams(max_tokens=n, temperature=0.0)) for t in c.token_ids]
@@ -69,7 +57,7 @@ def test_fp16_decoder_keeps_its_kv_cache_on_the_gpu(fp16_pipes):
 def test_fp16_decoder_on_gpu_matches_cpu(fp16_pipes):
     gpu, cpu = fp16_pipes
     for messages in ([{"role": "user", "content": "Tell me a story about a lighthouse."}], IMAGE_PROMPT):
-        a, b = _first_logits(gpu, messages), _first_logits(cpu, messages)
+        a, b = gpu.prompt_logits(messages, cache_prompt=False)[0], cpu.prompt_logits(messages, cache_prompt=False)[0]
         assert _cosine(a, b) >= 0.999
         assert int(a.argmax()) == int(b.argmax())
 
@@ -113,7 +101,8 @@ def test_fp32_bundle_on_cuda_warns_and_still_matches(fp32_bundle, caplog):
     assert all(k.device_name() == "cpu" for k, _ in gpu.kv._buffers)
     cpu = Pipeline.load(fp32_bundle, provider="cpu", context_length=1024)
     messages = [{"role": "user", "content": "Hello there"}]
-    assert _cosine(_first_logits(gpu, messages), _first_logits(cpu, messages)) >= 0.9999
+    assert _cosine(gpu.prompt_logits(messages, cache_prompt=False)[0],
+                   cpu.prompt_logits(messages, cache_prompt=False)[0]) >= 0.9999
 
 
 def test_cuda_graph_replay_gives_the_tokens_of_plain_runs(fp16_pipes, gpu_without_graph):
