@@ -47,14 +47,7 @@ def profile_decode(bundle: Path, *, threads: int = 2, steps: int = 20, prompt_to
         logits = d.step(logits)
         walls.append(time.perf_counter() - t0)
     trace = Path(d.session.end_profiling())
-    runs = split_runs(json.loads(trace.read_text()))
-    if len(runs) <= steps:
-        raise RuntimeError(f"expected more than {steps} runs in {trace}, found {len(runs)}")
-    prompt = runs[:-steps]  # a long prompt runs in chunks (runtime/generate.py PREFILL_CHUNK)
-    merged = {"run_us": sum(r["run_us"] for r in prompt), "nodes": [n for r in prompt for n in r["nodes"]]}
-    return {"bundle": str(bundle), "threads": threads, "steps": steps, "prompt_tokens": prompt_tokens,
-            "trace": str(trace), "prefill": breakdown([merged], [prefill_wall]),
-            "decode": breakdown(runs[-steps:], walls)}
+    return _result(bundle, trace, threads, prompt_tokens, prefill_wall, walls)
 
 
 def profile_ortgenai(model_dir: Path, *, threads: int = 2, steps: int = 20, prompt_tokens: int = 512,
@@ -89,13 +82,20 @@ def profile_ortgenai(model_dir: Path, *, threads: int = 2, steps: int = 20, prom
     traces = sorted(out_dir.glob("ortgenai*.json"), key=lambda f: f.stat().st_mtime)
     if not traces:
         raise RuntimeError(f"onnxruntime-genai wrote no profile into {out_dir}")
-    runs = split_runs(json.loads(traces[-1].read_text()))
+    return _result(model_dir, traces[-1], threads, prompt_tokens, prefill_wall, walls)
+
+
+def _result(model: Path, trace: Path, threads: int, prompt_tokens: int, prefill_wall: float,
+            walls: list[float]) -> dict:
+    """The breakdown of a trace whose last len(walls) runs are decode steps and the rest the prompt."""
+    steps = len(walls)
+    runs = split_runs(json.loads(trace.read_text()))
     if len(runs) <= steps:
-        raise RuntimeError(f"expected more than {steps} runs in {traces[-1]}, found {len(runs)}")
-    prompt = runs[:-steps]
+        raise RuntimeError(f"expected more than {steps} runs in {trace}, found {len(runs)}")
+    prompt = runs[:-steps]  # a long prompt runs in chunks (runtime/generate.py PREFILL_CHUNK)
     merged = {"run_us": sum(r["run_us"] for r in prompt), "nodes": [n for r in prompt for n in r["nodes"]]}
-    return {"bundle": str(model_dir), "threads": threads, "steps": steps, "prompt_tokens": prompt_tokens,
-            "trace": str(traces[-1]), "prefill": breakdown([merged], [prefill_wall]),
+    return {"bundle": str(model), "threads": threads, "steps": steps, "prompt_tokens": prompt_tokens,
+            "trace": str(trace), "prefill": breakdown([merged], [prefill_wall]),
             "decode": breakdown(runs[-steps:], walls)}
 
 
