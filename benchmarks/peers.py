@@ -38,6 +38,8 @@ PEERS = {
     "ours-b128": Peer("ours int4 b128 (lm_head int8)", "ours", {"block_size": 128}),
     "ours-head4": Peer("ours int4 b32 (lm_head int4)", "ours", {"block_size": 32, "head_precision": "int4"}),
     "ours-b64-head4": Peer("ours int4 b64 (lm_head int4)", "ours", {"block_size": 64, "head_precision": "int4"}),
+    # the speed options together: fewest bytes, most error (both measured in RESULTS.md)
+    "ours-b128-head4": Peer("ours int4 b128 (lm_head int4)", "ours", {"block_size": 128, "head_precision": "int4"}),
     "ortgenai": Peer("onnxruntime-genai int4 b32", "ortgenai", {"extra": []}),
     "ortgenai-prune": Peer("onnxruntime-genai int4 b32 + prune_lm_head", "ortgenai",
                            {"extra": ["prune_lm_head=true"]}),
