@@ -15,10 +15,10 @@ from minicpmo.runtime.pipeline import Pipeline
 from minicpmo.runtime.types import GenerationParams
 
 
-def _cache_after(pipe: Pipeline, messages) -> list[tuple[np.ndarray, np.ndarray]]:
-    pipe.kv.reset()
-    list(pipe.generate(messages, GenerationParams(max_tokens=1)))  # the prompt's positions only
-    return [pipe.kv.layer(i) for i in range(pipe.kv.num_layers)]
+def _layer0_after(pipe: Pipeline, messages) -> tuple[np.ndarray, np.ndarray]:
+    """Layer 0's keys and values once the cache holds exactly the prompt (a cold prefill)."""
+    pipe.prompt_logits(messages, cache_prompt=False)
+    return pipe.kv.layer(0)
 
 
 def _scales(bundle, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,8 +46,8 @@ def test_cache_rounds_within_half_a_step(int4_kv8_bundle, int4_bundle):
     share: the int8 cache times its scales must equal the fp32 cache within half a step, for every
     head, channel and position (a wrong scale layout or a clipped value fails this)."""
     messages = [{"role": "user", "content": BUILTIN_TEXT[0]}]  # calibrated on: nothing saturates
-    k8, v8 = _cache_after(Pipeline.load(int4_kv8_bundle, provider="cpu", context_length=512), messages)[0]
-    k32, v32 = _cache_after(Pipeline.load(int4_bundle, provider="cpu", context_length=512), messages)[0]
+    k8, v8 = _layer0_after(Pipeline.load(int4_kv8_bundle, provider="cpu", context_length=512), messages)
+    k32, v32 = _layer0_after(Pipeline.load(int4_bundle, provider="cpu", context_length=512), messages)
     k_scale, v_scale = _scales(int4_kv8_bundle, 0)
     for q, ref, scale in ((k8, k32, k_scale), (v8, v32, v_scale)):
         assert q.dtype == np.int8 and q.shape == ref.shape
