@@ -33,11 +33,18 @@ class Peer:
 
 
 PEERS = {
-    "ours": Peer("ours int4 b32 (lm_head int8)", "ours", {"block_size": 32}),
-    "ours-b64": Peer("ours int4 b64 (lm_head int8)", "ours", {"block_size": 64}),
-    "ours-b128": Peer("ours int4 b128 (lm_head int8)", "ours", {"block_size": 128}),
+    # The head precision is explicit in every key: bundles exported under an older default stay valid
+    # for --reuse. The default is block 64 with the int4+int8 head (ours-b64-head48) since session 5.
+    "ours": Peer("ours int4 b32 (lm_head int8)", "ours", {"block_size": 32, "head_precision": "int8"}),
+    "ours-b64": Peer("ours int4 b64 (lm_head int8)", "ours", {"block_size": 64, "head_precision": "int8"}),
+    "ours-b128": Peer("ours int4 b128 (lm_head int8)", "ours", {"block_size": 128, "head_precision": "int8"}),
     "ours-head4": Peer("ours int4 b32 (lm_head int4)", "ours", {"block_size": 32, "head_precision": "int4"}),
     "ours-b64-head4": Peer("ours int4 b64 (lm_head int4)", "ours", {"block_size": 64, "head_precision": "int4"}),
+    # the int4 head with its 64 best tokens rescored from int8 rows (ops.rescored_head): the default
+    "ours-b64-head48": Peer("ours int4 b64 (lm_head int4+int8, default)", "ours",
+                            {"block_size": 64, "head_precision": "int4+int8"}),
+    "ours-b128-head48": Peer("ours int4 b128 (lm_head int4+int8)", "ours",
+                             {"block_size": 128, "head_precision": "int4+int8"}),
     # the speed options together: fewest bytes, most error (both measured in RESULTS.md)
     "ours-b128-head4": Peer("ours int4 b128 (lm_head int4)", "ours", {"block_size": 128, "head_precision": "int4"}),
     "ortgenai": Peer("onnxruntime-genai int4 b32", "ortgenai", {"extra": []}),
@@ -48,7 +55,7 @@ PEERS = {
     "torch-fp32": Peer("PyTorch eager fp32", "torch", {"dtype": "fp32"}),
     "torch-bf16": Peer("PyTorch eager bf16", "torch", {"dtype": "bf16"}),
 }
-DEFAULT_PEERS = ("ours", "ours-b64", "ours-b128", "ortgenai", "ortgenai-prune", "llamacpp-q4_0", "llamacpp-q4_k_m",
+DEFAULT_PEERS = ("ours", "ours-b64", "ours-b64-head48", "ours-b128", "ortgenai", "ortgenai-prune", "llamacpp-q4_0", "llamacpp-q4_k_m",
                  "torch-fp32", "torch-bf16")
 # Peak memory of a preparation or run in bytes per LLM parameter, and at least MEMORY_FLOOR bytes
 # (ortgenai: its builder with the streaming int4 pass of benchmarks/ortgenai_build.py, measured at

@@ -1,23 +1,30 @@
 """Bytes of weights a decode step reads, per file format: every tensor but the token-embedding
-table (one row of it is read) and the rotary cos/sin tables (one row each)."""
+table (one row of it is read), the rotary cos/sin tables (one row each) and the int4+int8 head's
+rescoring rows (RESCORE_CANDIDATES of them are gathered per token)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 SKIPPED_ONNX = ("embed_tokens", "cos_cache", "sin_cache")
+GATHERED_ONNX = "/rescore/"  # export/ops.rescored_head: [vocab, ...] tables read a few rows per token
 
 
 def onnx_bytes_per_token(model: Path) -> int:
     """Sum of an ONNX graph's initializer bytes (external or inline), minus the skipped tables."""
     import onnx
 
+    from minicpmo.export.ops import RESCORE_CANDIDATES
+
     proto = onnx.load(str(model), load_external_data=False)
     total = 0
     for t in proto.graph.initializer:
         if any(s in t.name for s in SKIPPED_ONNX):
             continue
-        total += _initializer_bytes(t)
+        n = _initializer_bytes(t)
+        if GATHERED_ONNX in t.name and t.dims:
+            n = n * min(RESCORE_CANDIDATES, t.dims[0]) // t.dims[0]
+        total += n
     return total
 
 

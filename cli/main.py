@@ -59,8 +59,10 @@ def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path |
 @click.argument("checkpoint")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle folder [models/NAME-PRECISION].")
 @click.option("--precision", type=click.Choice(["int4", "int8", "fp32"]), default="int4", show_default=True)
-@click.option("--lm-head-precision", type=click.Choice(["int4", "int8", "fp32"]),
-              help="Default: int8 under int4, else the same as --precision.")
+@click.option("--lm-head-precision", type=click.Choice(["int4", "int8", "fp32", "int4+int8"]),
+              help="int4+int8: an int4 head whose 64 best tokens are rescored with int8 weights (half an "
+                   "int8 head's bytes per token). Default: int4+int8 under int4 (int8 with --decoder-dtype "
+                   "fp16), else the same as --precision.")
 @click.option("--vision-precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True)

@@ -17,6 +17,9 @@ One layer (x = residual stream):
                                                                                      │
     x ─────────────────────────────────────────────── SkipSimplifiedLayerNorm ◄───────┘ ─► x, n2
     n2 ─ MatMulNBits(gate|up) ─ silu(gate)·up ─ MatMulNBits(down) ─ SkipSimplifiedLayerNorm(next) ─► x, n
+
+The head (last position only) is, by default under int4, an int4 MatMulNBits scan whose top 64 logits
+are recomputed from int8 rows (ops.rescored_head).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .graph import MS_DOMAIN, NP_TO_ONNX, GraphBuilder
 from .hf_config import DecoderConfig
-from .ops import ErrorSink, linear, rms_norm, silu_mul, skip_rms_norm
+from .ops import ErrorSink, linear, rescored_head, rms_norm, silu_mul, skip_rms_norm
 from .options import ExportOptions
 
 ReadWeight = Callable[[str], np.ndarray]  # name -> float32 array (upstream key names)
@@ -176,8 +179,12 @@ def build_decoder_graph(g: GraphBuilder, cfg: DecoderConfig, read: ReadWeight, o
     # Only the last position's logits are needed: slice before the (vocab-sized) head.
     last_pos = g.op("Slice", [n, g.const([-1]), g.const([2**62]), g.const([1])], "/model/last_position/Slice")
     head_name = "llm.model.embed_tokens.weight" if cfg.tie_word_embeddings else "llm.lm_head.weight"
-    logits = linear(g, "/lm_head", last_pos, read(head_name), None, precision=opts.head_precision,
-                    block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
+    if opts.head_precision == "int4+int8":
+        logits = rescored_head(g, "/lm_head", last_pos, read(head_name), block_size=opts.block_size,
+                               accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
+    else:
+        logits = linear(g, "/lm_head", last_pos, read(head_name), None, precision=opts.head_precision,
+                        block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
     if dt != np.float32:
         g.op("Cast", [logits], "/model/logits/Cast", outputs=[IO.logits], to=TensorProto.FLOAT)
     else:

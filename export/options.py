@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PRECISIONS = ("int4", "int8", "fp32")
+# "int4+int8": an int4 head whose best candidates are rescored with int8 weights (ops.rescored_head)
+HEAD_PRECISIONS = (*PRECISIONS, "int4+int8")
 VISION_PRECISIONS = ("fp32", "fp16", "int8")
 DECODER_DTYPES = ("fp32", "fp16")
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -14,7 +16,7 @@ KV_CACHES = ("auto", "int8")
 @dataclass(frozen=True)
 class ExportOptions:
     precision: str = "int4"  # decoder linear layers
-    lm_head_precision: str | None = None  # None: int8 under int4, else the same as `precision`
+    lm_head_precision: str | None = None  # None: see head_precision
     vision_precision: str = "fp32"  # vision encoder + resampler (+ audio encoder)
     # 64: the bytes (4.56 bits/weight) and the reconstruction error of llama.cpp Q4_0 (measured in
     # benchmarks/RESULTS.md); 32 is more exact and 13% bigger, 128 is 7% smaller and less exact.
@@ -34,8 +36,8 @@ class ExportOptions:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.lm_head_precision is not None and self.lm_head_precision not in PRECISIONS:
-            raise ValueError(f"lm_head precision must be one of {PRECISIONS}, got {self.lm_head_precision!r}")
+        if self.lm_head_precision is not None and self.lm_head_precision not in HEAD_PRECISIONS:
+            raise ValueError(f"lm_head precision must be one of {HEAD_PRECISIONS}, got {self.lm_head_precision!r}")
         if self.vision_precision not in VISION_PRECISIONS:
             raise ValueError(f"vision precision must be one of {VISION_PRECISIONS}, got {self.vision_precision!r}")
         if self.block_size not in BLOCK_SIZES:
@@ -54,8 +56,13 @@ class ExportOptions:
 
     @property
     def head_precision(self) -> str:
-        # int8 under int4 by default, as llama.cpp keeps output.weight at Q6_K: the logits feel the
-        # quantization error of the head first, and it is 7% of the weights read per token.
+        """int4 layers get the int4+int8 head on the CPU decoder: decoding reads every head weight per
+        token, and the int4 scan reads half of an int8 head's bytes (the head is 13% of a 7B step's bytes,
+        25% at 1.5B) while the tokens that can win keep int8-accurate logits (ops.rescored_head). The
+        fp16 (GPU) decoder keeps a plain int8 head, as llama.cpp keeps output.weight at Q6_K: a GPU step
+        is not bound by the head's bytes, and TopK would be one more kernel in the replayed graph."""
         if self.lm_head_precision:
             return self.lm_head_precision
-        return "int8" if self.precision == "int4" else self.precision
+        if self.precision == "int4":
+            return "int4+int8" if self.decoder_dtype == "fp32" else "int8"
+        return self.precision

@@ -1,0 +1,105 @@
+"""The int4+int8 head: int4 logits everywhere, int8 logits for the int4 head's top candidates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+from minicpmo.export.graph import GraphBuilder
+from minicpmo.export.ops import rescored_head
+from minicpmo.export.options import ExportOptions
+from minicpmo.export.quant import dequantize_weight, quantize_weight
+from minicpmo.runtime.pipeline import Pipeline
+from minicpmo.runtime.types import GenerationParams
+
+
+def _head_session(tmp_path, w: np.ndarray, candidates: int, block: int) -> ort.InferenceSession:
+    g = GraphBuilder("t", tmp_path / "m.onnx.data")
+    g.input("x", TensorProto.FLOAT, ["b", 1, w.shape[1]])
+    errors = {}
+    y = rescored_head(g, "/lm_head", "x", w, candidates=candidates, block_size=block, accuracy_level=0,
+                      on_error=errors.__setitem__)
+    g.op("Identity", [y], "out", outputs=["logits"])
+    g.output("logits", TensorProto.FLOAT, ["b", 1, w.shape[0]])
+    g.save(tmp_path / "m.onnx")
+    # both tensors' reconstruction errors are reported: the int4 scan's and the int8 rescoring's
+    assert set(errors) == {"/lm_head", "/lm_head/rescore"} and errors["/lm_head/rescore"] < errors["/lm_head"] / 5
+    return ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("k, block", [(256, 64), (96, 64), (200, 32)])  # 96, 200: a partial last block
+def test_top_candidates_get_int8_logits_the_rest_int4(tmp_path, k, block):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3000, k)).astype(np.float32)
+    candidates = 16
+    sess = _head_session(tmp_path, w, candidates, block)
+    w4 = dequantize_weight(quantize_weight(w, 4, block))
+    w8 = dequantize_weight(quantize_weight(w, 8, block))
+    x = rng.standard_normal((3, 1, k)).astype(np.float32)  # a batch of 3: rows are rescored per item
+    y = sess.run(None, {"x": x})[0]
+    for b in range(3):
+        coarse, fine, got = w4 @ x[b, 0], w8 @ x[b, 0], y[b, 0]
+        top = np.argsort(-coarse)[:candidates]
+        rest = np.setdiff1d(np.arange(len(coarse)), top)
+        np.testing.assert_allclose(got[top], fine[top], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(got[rest], coarse[rest], rtol=1e-5, atol=1e-4)
+        # rescoring moved the winners: the int8 and int4 logits of the top tokens are not the same
+        assert np.abs(fine[top] - coarse[top]).max() > 1e-2
+
+
+def test_greedy_pick_is_the_int8_heads(tmp_path):
+    """Over many hidden states the argmax equals that of an int8 head (the int8 winner is always among
+    the int4 top 64), while the int4 head alone picks differently now and then."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((20000, 128)).astype(np.float32)
+    sess = _head_session(tmp_path, w, 64, 64)
+    w4 = dequantize_weight(quantize_weight(w, 4, 64))
+    w8 = dequantize_weight(quantize_weight(w, 8, 64))
+    x = rng.standard_normal((200, 1, 128)).astype(np.float32)
+    y = sess.run(None, {"x": x})[0][:, 0]
+    fine, coarse = x[:, 0] @ w8.T, x[:, 0] @ w4.T
+    assert (y.argmax(-1) == fine.argmax(-1)).all()
+    assert (coarse.argmax(-1) != fine.argmax(-1)).any()
+
+
+@pytest.fixture(scope="module")
+def exact_bundles(tmp_path_factory, tiny_checkpoint):
+    """int4 layers with an int8 head and with the int4+int8 head, fp32 activations (accuracy level 0),
+    so both heads' int8 logits are the same numbers."""
+    from minicpmo.export.bundle import export_bundle
+
+    out = {}
+    for head in ("int8", "int4+int8"):
+        path = tmp_path_factory.mktemp("bundles") / f"tiny-head-{head.replace('+', '-')}"
+        out[head] = export_bundle(tiny_checkpoint, path, ExportOptions(lm_head_precision=head, accuracy_level=0),
+                                  progress=lambda *a: None)
+    return out
+
+
+def test_bundle_matches_the_int8_head(exact_bundles):
+    manifest = json.loads((exact_bundles["int4+int8"] / "manifest.json").read_text())
+    assert manifest["options"]["lm_head_precision"] == "int4+int8"
+    assert {"/lm_head", "/lm_head/rescore"} <= set(manifest["quantization"]["per_tensor"])
+    pipes = {h: Pipeline.load(p, provider="cpu", context_length=256) for h, p in exact_bundles.items()}
+    messages = [{"role": "user", "content": "Name three rivers of Europe and one of Asia."}]
+    l8, l48 = (pipes[h].prompt_logits(messages, cache_prompt=False)[0] for h in ("int8", "int4+int8"))
+    top = np.argsort(-l8)[:16]  # the int8 head's best tokens were rescored: the same logits
+    np.testing.assert_allclose(l48[top], l8[top], rtol=1e-4, atol=1e-4)
+    assert np.abs(l48 - l8).max() > 1e-3  # the tail is the int4 head's
+    params = GenerationParams(max_tokens=16, temperature=0.0)
+    ids = [[t for c in pipes[h].generate(messages, params) for t in c.token_ids] for h in ("int8", "int4+int8")]
+    assert len(ids[0]) == 16 and ids[0] == ids[1]
+
+
+def test_default_head_per_precision_and_dtype():
+    assert ExportOptions().head_precision == "int4+int8"  # int4 layers, CPU (fp32) decoder
+    assert ExportOptions(decoder_dtype="fp16").head_precision == "int8"  # the GPU variant
+    assert ExportOptions(precision="int8").head_precision == "int8"
+    assert ExportOptions(precision="fp32").head_precision == "fp32"
+    assert ExportOptions(lm_head_precision="int4").head_precision == "int4"
+    with pytest.raises(ValueError, match="lm_head precision"):
+        ExportOptions(lm_head_precision="int3")
