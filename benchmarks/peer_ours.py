@@ -47,16 +47,15 @@ class DecoderOnly:
         from minicpmo.runtime.generate import Decoder
         from minicpmo.runtime.kv_cache import KVCache
         from minicpmo.runtime.manifest import load_manifest
-        from minicpmo.runtime.sessions import EmbeddingTable, create_session
+        from minicpmo.runtime.sessions import EmbeddingTable, create_session, load_resident_initializers
 
         m = load_manifest(bundle)
         dec, emb = m["decoder"], m["embeddings"]
         self.info = dec
         self.embed = EmbeddingTable(m.path(emb["file"]), emb["dtype"], emb["shape"])
-        if session_config:
-            self.session = _session_with(m.path(dec["file"]), threads, session_config)
-        else:
-            self.session = create_session(m.path(dec["file"]), "cpu", threads, profile_prefix=profile_prefix)
+        resident = load_resident_initializers(m.path(dec["file"]).parent, dec.get("resident_initializers", []))
+        self.session = create_session(m.path(dec["file"]), "cpu", threads, profile_prefix=profile_prefix,
+                                      initializers=resident, config=session_config)
         self.kv = KVCache(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], context, io_names=dec["io"],
                           dtype=np.dtype(dec.get("kv_dtype", "float32")))
         self.decoder = Decoder(self.session, dec["io"], self.kv, dec["vocab_size"])
@@ -68,20 +67,6 @@ class DecoderOnly:
         """Greedy: the argmax of `logits` becomes the next input; returns its logits."""
         token = int(np.argmax(logits))
         return self.decoder.forward(self.embed(np.array([token])), [token])
-
-
-def _session_with(path: Path, threads: int, config: dict[str, str]):
-    """runtime/sessions.create_session's CPU options with some session config entries overridden."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    for key, value in ({"session.intra_op.allow_spinning": "1"} | config).items():
-        opts.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def measure(bundle: Path, proto: Protocol) -> dict:

@@ -49,6 +49,8 @@ class GraphBuilder:
         self._data_path = Path(data_path) if data_path else None
         self._data = open(self._data_path, "wb") if self._data_path else None  # noqa: SIM115
         self.weight_bytes = 0
+        # External tensors the runtime should load into process memory itself (see `initializer`).
+        self.resident: list[dict] = []
 
     # -- graph I/O ---------------------------------------------------------------------------
     def input(self, name: str, dtype: int, shape: list[int | str]) -> str:
@@ -60,8 +62,14 @@ class GraphBuilder:
         return name
 
     # -- initializers ------------------------------------------------------------------------
-    def initializer(self, name: str, array: np.ndarray) -> str:
-        """Add a weight; big ones go straight to the external data file (then the array can be freed)."""
+    def initializer(self, name: str, array: np.ndarray, resident: bool = False) -> str:
+        """Add a weight; big ones go straight to the external data file (then the array can be freed).
+
+        resident: a table read a few scattered rows at a time (Gather). ONNX Runtime memory-maps aligned
+        external data, so such rows would be paged in from disk one fault at a time during decoding; the
+        bundle's manifest lists these tensors (file, offset, dtype, shape) and the runtime hands them to
+        ONNX Runtime from its own memory (`SessionOptions.add_initializer`). Other ONNX Runtime users
+        still get a working graph."""
         if name in self._names:
             raise ValueError(f"duplicate initializer name {name}")
         self._names.add(name)
@@ -83,6 +91,9 @@ class GraphBuilder:
             entry = t.external_data.add()
             entry.key, entry.value = key, value
         self.initializers.append(t)
+        if resident:
+            self.resident.append({"name": name, "file": self._data_path.name, "offset": offset,
+                                  "length": array.nbytes, "dtype": array.dtype.name, "shape": list(array.shape)})
         return name
 
     def const(self, value, dtype=np.int64) -> str:

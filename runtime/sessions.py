@@ -47,12 +47,39 @@ def default_threads() -> int:
     return max(1, n)
 
 
+_RESIDENT_DTYPES = ("uint8", "int8", "float32", "float16")
+
+
+def load_resident_initializers(folder: Path, entries: list[dict]) -> dict[str, np.ndarray]:
+    """The manifest's `resident_initializers`: external tensors read into process memory here rather
+    than memory-mapped by ONNX Runtime (the int4+int8 head's int8 rows, gathered 64 scattered rows per
+    token: mapped, each would be a page fault, from disk on a cold page cache)."""
+    out = {}
+    for e in entries:
+        path = folder / e["file"]
+        try:
+            dtype = np.dtype(e["dtype"]) if e["dtype"] in _RESIDENT_DTYPES else None
+            if dtype is None or int(np.prod(e["shape"])) * dtype.itemsize != e["length"]:
+                raise BundleError(f"manifest: resident initializer {e['name']!r} has a bad dtype/shape/length")
+            if e["offset"] < 0 or e["offset"] + e["length"] > path.stat().st_size:
+                raise BundleError(f"{path.name}: too short for {e['name']!r} (offset {e['offset']}, "
+                                  f"{e['length']} bytes)")
+            array = np.fromfile(path, dtype=dtype, count=e["length"] // dtype.itemsize, offset=e["offset"])
+        except (KeyError, TypeError, OSError) as err:
+            raise BundleError(f"manifest: resident initializer entry {e!r} is unusable ({err})") from err
+        out[e["name"]] = array.reshape(e["shape"])
+    return out
+
+
 def create_session(path: Path, provider: str, threads: int | None = None,
                    profile_prefix: str | None = None, memory_arena: bool = True,
-                   cuda_graph: bool = False) -> ort.InferenceSession:
+                   cuda_graph: bool = False, initializers: dict[str, np.ndarray] | None = None,
+                   config: dict[str, str] | None = None) -> ort.InferenceSession:
     """One session per graph. memory_arena=False for the encoders: a 10-slice image needs GBs of
     activations once, and an arena would keep them for the life of the process. cuda_graph: capture
-    the decode step as a CUDA graph and replay it (one launch instead of hundreds; the decoder only)."""
+    the decode step as a CUDA graph and replay it (one launch instead of hundreds; the decoder only).
+    initializers: graph initializers to take from these arrays instead of the graph's data file
+    (`load_resident_initializers`). config: extra session config entries (benchmarks)."""
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = memory_arena
     opts.intra_op_num_threads = threads or default_threads()
@@ -60,6 +87,12 @@ def create_session(path: Path, provider: str, threads: int | None = None,
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
+    # ONNX Runtime uses these buffers in place for the session's life: they must outlive it.
+    resident = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in (initializers or {}).items()}
+    for name, value in resident.items():
+        opts.add_initializer(name, value)
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
@@ -68,9 +101,11 @@ def create_session(path: Path, provider: str, threads: int | None = None,
         cuda = {"device_id": 0} | ({"enable_cuda_graph": "1"} if cuda_graph else {})
         providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         raise BundleError(f"{path.name}: ONNX Runtime could not load it: {str(e).splitlines()[0]}") from e
+    session.resident_initializers = (initializers, resident)  # keeps the buffers alive with the session
+    return session
 
 
 class EmbeddingTable:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from minicpmo.export.graph import GraphBuilder
 from minicpmo.export.ops import rescored_head
 from minicpmo.export.options import ExportOptions
 from minicpmo.export.quant import dequantize_weight, quantize_weight
+from minicpmo.runtime.errors import BundleError
 from minicpmo.runtime.pipeline import Pipeline
+from minicpmo.runtime.sessions import load_resident_initializers
 from minicpmo.runtime.types import GenerationParams
 
 
@@ -103,3 +107,30 @@ def test_default_head_per_precision_and_dtype():
     assert ExportOptions(lm_head_precision="int4").head_precision == "int4"
     with pytest.raises(ValueError, match="lm_head precision"):
         ExportOptions(lm_head_precision="int3")
+
+
+def test_rescore_tables_are_loaded_by_the_runtime(exact_bundles, tmp_path):
+    """The int8 tables are listed in the manifest and handed to ONNX Runtime from process memory, with
+    the same bytes as in the data file; a manifest entry that points past the file is refused."""
+    bundle = exact_bundles["int4+int8"]
+    entries = json.loads((bundle / "manifest.json").read_text())["decoder"]["resident_initializers"]
+    assert {e["name"] for e in entries} == {f"/lm_head/rescore/{t}" for t in ("codes", "scales", "zero_points")}
+    tables = load_resident_initializers(bundle, entries)
+    model = onnx.load(bundle / "decoder.onnx")  # with its external data, as ONNX itself reads it
+    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in tables}
+    for name, array in tables.items():
+        np.testing.assert_array_equal(array, stored[name])
+    pipe = Pipeline.load(bundle, provider="cpu", context_length=64)
+    assert set(pipe.decoder.session.resident_initializers[0]) == set(tables)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["decoder"]["resident_initializers"][0]["offset"] = (broken / "decoder.onnx.data").stat().st_size
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="too short"):
+        Pipeline.load(broken, provider="cpu", context_length=64)
+    manifest["decoder"]["resident_initializers"][0] |= {"offset": 0, "dtype": "object"}
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="bad dtype"):
+        Pipeline.load(broken, provider="cpu", context_length=64)
