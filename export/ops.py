@@ -54,9 +54,10 @@ def linear(g: GraphBuilder, name: str, x: str, weight: np.ndarray, bias: np.ndar
 
 
 # How many of the coarse (int4) head's best tokens get their logits recomputed from int8 weights. The
-# true best token of an int8 head sits far inside the int4 top 64 (their logits differ by ~10% of the
-# logits' spread, the gap from rank 1 to rank 64 of a 150k vocabulary is ~1 spread), and 64 rows cost
-# ~0.1 ms; sampling with top_k <= 64 or a top_p nucleus inside them sees int8-accurate logits only.
+# int8 head's best token sits far inside the int4 top 64 (int4 moves a logit by ~0.1 of the logits'
+# spread, while rank 1 and rank 64 of a 150k vocabulary lie ~1 spread apart), and rescoring 64 rows
+# costs ~0.5 ms of a 7B step (TopK, Gather, DequantizeLinear; measured). Sampling with top_k <= 64, or
+# a top_p nucleus inside them, sees int8-accurate logits only.
 RESCORE_CANDIDATES = 64
 
 
@@ -66,11 +67,11 @@ def rescored_head(g: GraphBuilder, name: str, x: str, weight: np.ndarray, *, can
     """The vocabulary head as an int4 scan plus int8 rescoring: logits = int4 logits, except the top
     `candidates` of them, recomputed with int8 weights and unquantized activations.
 
-    Why: decoding reads every head weight once per token. An int4 head reads half the bytes of an int8
-    one (7% of a 7B step, 14% at 1.5B) but is ~10% off per weight; rescoring gives the tokens that can
-    win int8 accuracy again, and reads ~64 rows. The int8 tables are `resident` initializers: the
+    Why: decoding reads every head weight once per token. An int8 head is 13% of a 7B step's bytes (25%
+    at 1.5B); an int4 one reads half of that but is ~10% off per weight. Rescoring gives the tokens that
+    can win int8 accuracy again, and reads 64 rows. The int8 tables are `resident` initializers: the
     runtime loads them into memory itself, as ONNX Runtime would memory-map them and fault rows in from
-    disk mid-decode (measured at 7B: 11 ms per step on a cold page cache, 0.9 ms warm, ~0 resident).
+    disk mid-decode (the Gather at 7B: 11 ms per step on a cold page cache, 0.9 ms warm, 0.3 ms resident).
 
         x ─ MatMulNBits(int4) ─ coarse ─ TopK ─ idx ─ Gather(int8 rows, scales, zero points)
         │                          │                      DequantizeLinear(blocked) ─ w [B, k, K]
