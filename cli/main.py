@@ -95,6 +95,10 @@ def export(checkpoint: str, output: Path | None, precision: str, lm_head_precisi
     q, size = manifest["quantization"], sum(f["bytes"] for f in manifest["files"].values())
     click.echo(f"bundle: {size / 1e9:.2f} GB; weight reconstruction error (relative Frobenius) "
                f"mean {q['relative_error_mean']:.4f}, max {q['relative_error_max']:.4f}", err=True)
+    per_tensor = q["per_tensor"]
+    if "/lm_head/rescore" in per_tensor:  # the max above is usually the int4 scan's: say what it serves
+        click.echo(f"lm_head int4+int8: int4 scan {per_tensor['/lm_head']:.4f}, the 64 best rescored at int8 "
+                   f"{per_tensor['/lm_head/rescore']:.4f}", err=True)
     click.echo(str(out))
 
 
