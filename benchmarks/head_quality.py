@@ -46,6 +46,8 @@ def _softmax_log(x: np.ndarray) -> np.ndarray:
 
 
 def compare(reference: Path, others: list[Path], tokens: int, threads: int) -> list[dict]:
+    from minicpmo.export.ops import RESCORE_CANDIDATES
+
     from .peer_ours import DecoderOnly
 
     ref = DecoderOnly(reference, threads, 4096)
@@ -61,7 +63,7 @@ def compare(reference: Path, others: list[Path], tokens: int, threads: int) -> l
             r = outs[0]
             top = np.argsort(-r)[:16]
             lr = _softmax_log(r)
-            top64_mass.append(float(np.exp(np.sort(lr)[-64:]).sum()))
+            top64_mass.append(float(np.exp(np.sort(lr)[-RESCORE_CANDIDATES:]).sum()))
             for s, o in zip(stats, outs[1:], strict=True):
                 s["steps"] += 1
                 s["same_argmax"] += int(o.argmax() == r.argmax())

@@ -47,15 +47,14 @@ class DecoderOnly:
         from minicpmo.runtime.generate import Decoder
         from minicpmo.runtime.kv_cache import KVCache
         from minicpmo.runtime.manifest import load_manifest
-        from minicpmo.runtime.sessions import EmbeddingTable, create_session, load_resident_initializers
+        from minicpmo.runtime.sessions import EmbeddingTable, create_decoder_session
 
         m = load_manifest(bundle)
         dec, emb = m["decoder"], m["embeddings"]
         self.info = dec
         self.embed = EmbeddingTable(m.path(emb["file"]), emb["dtype"], emb["shape"])
-        resident = load_resident_initializers(m.path(dec["file"]).parent, dec.get("resident_initializers", []))
-        self.session = create_session(m.path(dec["file"]), "cpu", threads, profile_prefix=profile_prefix,
-                                      initializers=resident, config=session_config)
+        self.session = create_decoder_session(m, "cpu", threads, profile_prefix=profile_prefix,
+                                              config=session_config)
         self.kv = KVCache(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], context, io_names=dec["io"],
                           dtype=np.dtype(dec.get("kv_dtype", "float32")))
         self.decoder = Decoder(self.session, dec["io"], self.kv, dec["vocab_size"])

@@ -21,7 +21,7 @@ from .manifest import Manifest, load_manifest
 from .preprocess.image import SlicingParams
 from .preprocess.prompt import build_prompt
 from .sampler import make_sampler
-from .sessions import EmbeddingTable, create_session, kv_device, load_resident_initializers, resolve_provider
+from .sessions import EmbeddingTable, create_decoder_session, create_session, kv_device, resolve_provider
 from .splice import splice_embeddings
 from .stopping import StopMatcher
 from .tokenizer import StreamingDetokenizer, Tokenizer
@@ -59,9 +59,7 @@ class Pipeline:
         kv_on = kv_device(self.provider, kv_dtype)
         # A CUDA graph needs the whole decoder on the GPU: only the fp16 variant is (see kv_device).
         graph = cuda_graph and kv_on == "cuda"
-        resident = load_resident_initializers(manifest.path(dec["file"]).parent, dec.get("resident_initializers", []))
-        session = create_session(manifest.path(dec["file"]), self.provider, threads, cuda_graph=graph,
-                                 initializers=resident)
+        session = create_decoder_session(manifest, self.provider, threads, cuda_graph=graph)
         self.kv = KVCache(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], self.context_length,
                           io_names=dec["io"], device=kv_on, dtype=kv_dtype)
         self.decoder = Decoder(session, dec["io"], self.kv, dec["vocab_size"], cuda_graph=graph)

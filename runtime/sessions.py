@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BundleError
+from .manifest import Manifest
 
 log = logging.getLogger(__name__)
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -50,13 +51,13 @@ def default_threads() -> int:
 _RESIDENT_DTYPES = ("uint8", "int8", "float32", "float16")
 
 
-def load_resident_initializers(folder: Path, entries: list[dict]) -> dict[str, np.ndarray]:
-    """The manifest's `resident_initializers`: external tensors read into process memory here rather
+def load_resident_initializers(manifest: Manifest) -> dict[str, np.ndarray]:
+    """The decoder's `resident_initializers`: external tensors read into process memory here rather
     than memory-mapped by ONNX Runtime (the int4+int8 head's int8 rows, gathered 64 scattered rows per
     token: mapped, each would be a page fault, from disk on a cold page cache)."""
     out = {}
-    for e in entries:
-        path = folder / e["file"]
+    for e in manifest["decoder"].get("resident_initializers", []):
+        path = manifest.path(e["file"])
         try:
             dtype = np.dtype(e["dtype"]) if e["dtype"] in _RESIDENT_DTYPES else None
             if dtype is None or int(np.prod(e["shape"])) * dtype.itemsize != e["length"]:
@@ -106,6 +107,13 @@ def create_session(path: Path, provider: str, threads: int | None = None,
         raise BundleError(f"{path.name}: ONNX Runtime could not load it: {str(e).splitlines()[0]}") from e
     session.resident_initializers = (initializers, resident)  # keeps the buffers alive with the session
     return session
+
+
+def create_decoder_session(manifest: Manifest, provider: str, threads: int | None = None,
+                           **kw) -> ort.InferenceSession:
+    """The bundle's decoder session, with its resident initializers (the pipeline and the benchmarks)."""
+    return create_session(manifest.path(manifest["decoder"]["file"]), provider, threads,
+                          initializers=load_resident_initializers(manifest), **kw)
 
 
 class EmbeddingTable:

@@ -16,6 +16,7 @@ from minicpmo.export.ops import rescored_head
 from minicpmo.export.options import ExportOptions
 from minicpmo.export.quant import dequantize_weight, quantize_weight
 from minicpmo.runtime.errors import BundleError
+from minicpmo.runtime.manifest import load_manifest
 from minicpmo.runtime.pipeline import Pipeline
 from minicpmo.runtime.sessions import load_resident_initializers
 from minicpmo.runtime.types import GenerationParams
@@ -115,7 +116,7 @@ def test_rescore_tables_are_loaded_by_the_runtime(exact_bundles, tmp_path):
     bundle = exact_bundles["int4+int8"]
     entries = json.loads((bundle / "manifest.json").read_text())["decoder"]["resident_initializers"]
     assert {e["name"] for e in entries} == {f"/lm_head/rescore/{t}" for t in ("codes", "scales", "zero_points")}
-    tables = load_resident_initializers(bundle, entries)
+    tables = load_resident_initializers(load_manifest(bundle))
     model = onnx.load(bundle / "decoder.onnx")  # with its external data, as ONNX itself reads it
     stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in tables}
     for name, array in tables.items():
