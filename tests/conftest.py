@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,29 @@ REAL_TOKENIZER = SHARED / "reference" / "tokenizer"
 
 def real_tokenizer_dir() -> Path | None:
     return REAL_TOKENIZER if (REAL_TOKENIZER / "tokenizer.json").is_file() else None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        item.stash[_FAILED] = True
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _free_tmp_path(request):
+    """Delete a passing test's tmp_path as soon as it ends (a failing one's stays for a look).
+
+    Many tests copy a ~160 MB bundle (the real 151k-token vocabulary) to damage it; pytest keeps every
+    tmp_path until the session ends, which peaked at 3.8 GB of disk per run and filled a CI disk."""
+    yield
+    path = request.node.funcargs.get("tmp_path")
+    if path is not None and not request.node.stash.get(_FAILED, False):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
