@@ -61,7 +61,9 @@ def run_infer(*, model, provider, threads, context_length, media: MediaArgs, pro
     else:
         click.echo()
         u = usage.as_dict()
+        drafts = (f"; lookup kept {u['accepted_draft_tokens']} of {u['draft_tokens']} draft tokens"
+                  if sampling.get("lookup") else "")
         click.echo(f"[{u['prompt_tokens']} prompt tokens, {u['completion_tokens']} generated; "
-                   f"prefill {u['prefill_tokens_per_s']:.1f} tok/s, decode {u['decode_tokens_per_s']:.1f} tok/s]",
-                   err=True)
+                   f"prefill {u['prefill_tokens_per_s']:.1f} tok/s, decode {u['decode_tokens_per_s']:.1f} tok/s"
+                   f"{drafts}]", err=True)
     sys.stdout.flush()

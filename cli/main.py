@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ..runtime.errors import MiniCPMOError
+from ..runtime.sampler import MAX_LOOKUP
 
 
 def _fail_cleanly(fn):
@@ -122,6 +123,10 @@ def _sampling_options(fn):
     fn = click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")(fn)
     fn = click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0)(fn)
     fn = click.option("--seed", type=int)(fn)
+    fn = click.option("--lookup", type=click.IntRange(0, MAX_LOOKUP), default=0, show_default=True,
+                      help="Prompt lookup: verify up to N draft tokens per step, copied from where the last "
+                           "tokens occurred earlier in the conversation; tokens are drawn as without it "
+                           "(0 = off).")(fn)
     return fn
 
 
@@ -140,7 +145,7 @@ def _sampling_options(fn):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_fail_cleanly
 def infer(model, provider, threads, context_length, no_cuda_graph, max_tokens, temperature, top_p, top_k,
-          repetition_penalty, seed, images, audios, video, frames, fps, max_frames, prompt, system,
+          repetition_penalty, seed, lookup, images, audios, video, frames, fps, max_frames, prompt, system,
           as_json) -> None:
     """Answer one question about images, audio clips or a video."""
     from .infer import MediaArgs, run_infer
@@ -149,7 +154,7 @@ def infer(model, provider, threads, context_length, no_cuda_graph, max_tokens, t
     run_infer(model=model, provider=provider, threads=threads, context_length=context_length,
               cuda_graph=not no_cuda_graph, media=media, prompt=prompt, system=system, as_json=as_json,
               sampling=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            repetition_penalty=repetition_penalty, seed=seed))
+                            repetition_penalty=repetition_penalty, seed=seed, lookup=lookup))
 
 
 @cli.command()
@@ -157,14 +162,14 @@ def infer(model, provider, threads, context_length, no_cuda_graph, max_tokens, t
 @_sampling_options
 @_fail_cleanly
 def chat(model, provider, threads, context_length, no_cuda_graph, max_tokens, temperature, top_p, top_k,
-         repetition_penalty, seed) -> None:
+         repetition_penalty, seed, lookup) -> None:
     r"""Interactive multi-turn chat: \image, \audio, \video SRC [question]; \system TEXT; \clear; \exit."""
     from .chat import run_chat
 
     run_chat(model=model, provider=provider, threads=threads, context_length=context_length,
              cuda_graph=not no_cuda_graph,
              sampling=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                           repetition_penalty=repetition_penalty, seed=seed))
+                           repetition_penalty=repetition_penalty, seed=seed, lookup=lookup))
 
 
 @cli.command()
@@ -205,21 +210,27 @@ def bench(model, threads, repeats, prompt_tokens, decode_tokens, provider, no_cu
 @click.option("--max-image-bytes", type=click.IntRange(1), default=20 * 1024 * 1024, show_default=True)
 @click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True)
 @click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=600.0, show_default=True)
+@click.option("--lookup", type=click.IntRange(0, MAX_LOOKUP), default=0, show_default=True,
+              help="Prompt lookup draft tokens per step for requests that do not set `lookup` (0 = off).")
 @_fail_cleanly
 def serve(model, provider, threads, context_length, no_cuda_graph, host, port, api_key, allowed_local_media,
-          allow_private_urls, max_queue, max_image_bytes, max_image_pixels, request_timeout) -> None:
+          allow_private_urls, max_queue, max_image_bytes, max_image_pixels, request_timeout, lookup) -> None:
     """OpenAI-compatible HTTP server (POST /v1/chat/completions)."""
     try:
         from ..runtime.server import ServerSettings
         from ..runtime.server import serve as run_server
     except ImportError as e:
         raise click.ClickException(f"the server needs: pip install 'minicpmo-onnx[server]' ({e})") from e
+    from ..runtime.manifest import load_manifest
     from ..runtime.pipeline import Pipeline
 
+    if lookup and "num_logits" not in load_manifest(model)["decoder"]["io"]:
+        raise click.ClickException(f"--lookup: {model} was exported before prompt lookup existed; re-export it")
     settings = ServerSettings(model_dir=model, host=host, port=port, api_key=api_key,
                               allowed_local_media=allowed_local_media, allow_private_urls=allow_private_urls,
                               max_queue=max_queue, max_image_bytes=max_image_bytes,
-                              max_image_pixels=max_image_pixels, request_timeout=request_timeout)
+                              max_image_pixels=max_image_pixels, request_timeout=request_timeout,
+                              default_lookup=lookup)
     run_server(lambda: Pipeline.load(model, provider=provider, threads=threads, context_length=context_length,
                                      cuda_graph=not no_cuda_graph), settings)
 

@@ -74,8 +74,8 @@ def rescored_head(g: GraphBuilder, name: str, x: str, weight: np.ndarray, *, can
     disk mid-decode (the Gather at 7B: 11 ms per step on a cold page cache, 0.9 ms warm, 0.3 ms resident).
 
         x ─ MatMulNBits(int4) ─ coarse ─ TopK ─ idx ─ Gather(int8 rows, scales, zero points)
-        │                          │                      DequantizeLinear(blocked) ─ w [B, k, K]
-        └───────────────────────── │ ────────────────────── MatMul(x, wᵀ) ─ refined [B, 1, k]
+        │                          │                      DequantizeLinear(blocked) ─ w [R, k, K]
+        └───────────────────────── │ ────────────────────── MatMul(x, wᵀ) ─ refined [1, R, k]
                                    └─ ScatterElements(coarse, idx, refined) ─ logits
     """
     n, k = weight.shape
@@ -98,10 +98,14 @@ def rescored_head(g: GraphBuilder, name: str, x: str, weight: np.ndarray, *, can
     rows = [g.op("Gather", [t, flat], f"{name}/rescore/Gather_{what}", axis=0)
             for what, t in (("codes", codes), ("scales", scales), ("zero_points", zero_points))]
     w = g.op("DequantizeLinear", rows, f"{name}/rescore/DequantizeLinear", axis=1, block_size=block_size)
-    # [B*k, K] -> [B, K, k]: one small batched MatMul per step gives [B, 1, k]
+    # [R*k, K] -> [R, K, k] for the R rows of x [1, R, K]: one small batched MatMul of x as [R, 1, K]
+    # gives [R, 1, k], reshaped back to idx's [1, R, k]
     w = g.op("Reshape", [w, g.const([-1, candidates, k])], f"{name}/rescore/Reshape")
     w = g.op("Transpose", [w], f"{name}/rescore/Transpose", perm=[0, 2, 1])
-    refined = g.op("MatMul", [x, w], f"{name}/rescore/MatMul")
+    x_rows = g.op("Reshape", [x, g.const([-1, 1, k])], f"{name}/rescore/Reshape_x")
+    refined = g.op("MatMul", [x_rows, w], f"{name}/rescore/MatMul")
+    refined = g.op("Reshape", [refined, g.op("Shape", [idx], f"{name}/rescore/Shape")],
+                   f"{name}/rescore/Reshape_refined")
     return g.op("ScatterElements", [coarse, idx, refined], f"{name}/rescore/ScatterElements", axis=-1)
 
 

@@ -6,7 +6,20 @@ on the GPU when the cache lives there. The logits land in one preallocated buffe
 device. A decode step (S = 1) copies its embedding row and `seqlens_k` into preallocated buffers on
 that device. So every address a step touches stays fixed, which is what a CUDA graph replay needs.
 Only a prefill chunk binds its embeddings from host memory.
-`total_sequence_length` is always a host scalar: GroupQueryAttention reads it on the CPU.
+`total_sequence_length` is always a host scalar: GroupQueryAttention reads it on the CPU, and so is
+`num_logits` (Slice reads its starts on the CPU): 1, except in a step that verifies draft tokens.
+
+Prompt lookup (`lookup_draft`, `generate_tokens(lookup=N)`): when the last few tokens occurred earlier
+in the conversation, the tokens that followed them there are fed as a draft together with the new
+token, in one step that returns logits at every fed position. Each position's token is sampled as
+usual; while it equals the draft's token the next position's logits stay valid, so one step can
+yield several tokens. The first mismatch drops the rest of the draft from the cache. Each token is
+drawn as plain decoding draws it (the same random draws in the same order), from the logits of a step
+that ran several positions, as a prefill does: in fp32 the same logits up to summation order, so the
+same reply. With int8 activations (MatMulNBits at accuracy level 4, the int4 default) a last-bit
+difference can round an activation the other way, as in a cached prompt (`cache_prompt`): the logits
+stay as accurate, but a greedy reply can part from plain decoding's where two tokens nearly tie.
+A step reads the weights once for all its positions: that is the speed-up.
 """
 
 from __future__ import annotations
@@ -39,11 +52,20 @@ class Decoder:
         self._seqlens = alloc((1,), np.int32, device, kv.device_id)
         self._total = alloc((), np.int32, "cpu", 0)
         self._logits = alloc((1, 1, vocab_size), np.float32, device, kv.device_id)
+        self._vocab_size = vocab_size
+        self._draft_logits: dict[int, ort.OrtValue] = {}  # [1, n, V] outputs of verify steps, by n
         self._io = session.io_binding()
         kv.bind(self._io)
         self._io.bind_ortvalue_input(io_names["seqlens_k"], self._seqlens)
         self._io.bind_ortvalue_input(io_names["total_sequence_length"], self._total)
         self._io.bind_ortvalue_output(io_names["logits"], self._logits)
+        # Bundles exported before prompt lookup have no num_logits input: their graph gives one row.
+        inputs = {i.name for i in session.get_inputs()}
+        self.multi_logits = io_names.get("num_logits") in inputs
+        if self.multi_logits:
+            self._num_logits = alloc((1,), np.int64, "cpu", 0)
+            self._num_logits.update_inplace(np.ones(1, dtype=np.int64))
+            self._io.bind_ortvalue_input(io_names["num_logits"], self._num_logits)
         self._prefill_embeds = None  # the host array bound for a prefill chunk, kept alive while bound
         self.cuda_graph = cuda_graph
         self._step_options = self._prefill_options = None
@@ -57,6 +79,30 @@ class Decoder:
 
         On the CPU the logits are a view of a buffer the next call overwrites: copy them to keep them.
         """
+        self._run(embeds, keys)
+        return self._logits.numpy()[0, 0]
+
+    def forward_all(self, embeds: np.ndarray, keys: Sequence[Hashable]) -> np.ndarray:
+        """As `forward`, but return the logits of every position run, [S, V] (a draft's verify step)."""
+        s = embeds.shape[0]
+        if s == 1:
+            return self.forward(embeds, keys)[None]
+        if not self.multi_logits:
+            raise ValueError("this bundle's decoder returns one position's logits (re-export it for prompt lookup)")
+        out = self._draft_logits.get(s)
+        if out is None:
+            out = self._draft_logits[s] = ort.OrtValue.ortvalue_from_shape_and_type(
+                (1, s, self._vocab_size), np.float32, self.kv.device, self.kv.device_id)
+        self._num_logits.update_inplace(np.array([s], dtype=np.int64))
+        self._io.bind_ortvalue_output(self.names["logits"], out)
+        try:
+            self._run(embeds, keys)
+        finally:  # back to the one-row binding a decode step (and a captured CUDA graph) uses
+            self._num_logits.update_inplace(np.ones(1, dtype=np.int64))
+            self._io.bind_ortvalue_output(self.names["logits"], self._logits)
+        return out.numpy()[0]
+
+    def _run(self, embeds: np.ndarray, keys: Sequence[Hashable]) -> None:
         s = embeds.shape[0]
         total = self.kv.length + s
         if total > self.kv.max_length:
@@ -77,7 +123,6 @@ class Decoder:
         self._total.update_inplace(np.array(host_total, dtype=np.int32))
         self.session.run_with_iobinding(self._io, options)
         self.kv.append(keys)
-        return self._logits.numpy()[0, 0]
 
     def prefill(self, embeds: np.ndarray, keys: Sequence[Hashable], chunk: int = PREFILL_CHUNK) -> np.ndarray:
         """Run a prompt's new part in chunks; returns the logits of its last position."""
@@ -92,6 +137,57 @@ class StepStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     cached_tokens: int = 0
+    draft_tokens: int = 0  # prompt lookup: draft tokens fed to the decoder
+    accepted_draft_tokens: int = 0  # ... and those the sampler then chose
+
+
+LOOKUP_NGRAMS = (3, 2)  # match the last 3 tokens, else the last 2; one token alone drafts too often in vain
+# What one more position in a step costs, as a share of a one-position step (1.5B on 2 cores: 0.07 for
+# the second, ~0.15 each after). A draft token is worth feeding while the chance that it is kept
+# (the product of the chances before it) is above this.
+LOOKUP_POSITION_COST = 0.15
+
+
+class DraftLength:
+    """How many draft tokens to feed: a running estimate of the chance that a draft token is kept,
+    and the longest draft whose last token still pays for its position.
+
+    A miss lowers the estimate, a kept token raises it; while no draft is fed it drifts back toward
+    even odds, so after a run of misses drafting is retried one token about every fifth step."""
+
+    def __init__(self, limit: int, prior: float = 0.5):
+        self.limit, self.kept = limit, prior
+
+    def __call__(self) -> int:
+        n, p = 0, 1.0
+        while n < self.limit and p * self.kept > LOOKUP_POSITION_COST:
+            n, p = n + 1, p * self.kept
+        return n
+
+    def update(self, fed: int, kept: int) -> None:
+        if not fed:
+            self.kept += 0.01 * (0.5 - self.kept)
+            return
+        for i in range(min(kept + 1, fed)):  # the tokens checked: the kept ones and the first miss
+            self.kept = 0.9 * self.kept + 0.1 * (i < kept)
+
+
+def lookup_draft(history: np.ndarray, max_tokens: int, ngrams: Sequence[int] = LOOKUP_NGRAMS) -> np.ndarray:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the last n tokens of
+    `history` (the longest n in `ngrams` that occurs), at most `max_tokens` of them; empty if none."""
+    h = np.asarray(history, dtype=np.int64)
+    if max_tokens < 1:
+        return h[:0]
+    for n in ngrams:
+        if len(h) <= n:
+            continue
+        # windows that start before the tail itself and leave at least one token after them
+        windows = np.lib.stride_tricks.sliding_window_view(h[:-1], n)
+        hits = np.flatnonzero((windows == h[-n:]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return h[start:start + max_tokens].copy()
+    return h[:0]
 
 
 def prefill_prompt(decoder: Decoder, prompt_embeds: np.ndarray, prompt_keys: Sequence[Hashable],
@@ -112,24 +208,51 @@ def prefill_prompt(decoder: Decoder, prompt_embeds: np.ndarray, prompt_keys: Seq
 def generate_tokens(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
                     prompt_embeds: np.ndarray, prompt_keys: Sequence[Hashable], prompt_ids: np.ndarray,
                     sample: Callable[[np.ndarray, np.ndarray, int], int], max_tokens: int,
-                    stop_ids: set[int], stats: StepStats, reuse_prefix: bool = True) -> Iterator[int]:
+                    stop_ids: set[int], stats: StepStats, reuse_prefix: bool = True,
+                    lookup: int = 0) -> Iterator[int]:
     """Yield generated token ids (a stop id is yielded too, then the loop ends).
 
-    Reuses the longest cached prefix of the prompt unless `reuse_prefix` is False; the caller closes
-    the generator to cancel.
+    Reuses the longest cached prefix of the prompt unless `reuse_prefix` is False; `lookup` > 0 feeds
+    up to that many prompt-lookup draft tokens with each step (see the module docstring); the caller
+    closes the generator to cancel.
     """
+    if lookup and not decoder.multi_logits:
+        raise ValueError("prompt lookup needs a decoder that returns logits for several positions; "
+                         "re-export this bundle")
     logits = prefill_prompt(decoder, prompt_embeds, prompt_keys, stats, reuse_prefix)
+    kv = decoder.kv
     history = list(np.asarray(prompt_ids, dtype=np.int64))
     n_prompt = len(history)
-    t0 = time.perf_counter()
-    for step in range(max_tokens):
-        token = sample(logits, np.asarray(history, dtype=np.int64), n_prompt)
-        history.append(token)
-        if step:
-            stats.decode_seconds = time.perf_counter() - t0
-        yield token
-        if token in stop_ids or step == max_tokens - 1:
-            return
-        if step == 0:
+    rows, draft = [logits], []  # logits to sample from in turn; the draft tokens fed after the first
+    draft_len, kept_before = DraftLength(lookup), 0
+    produced, t0 = 0, time.perf_counter()
+    while True:
+        for j, row in enumerate(rows):
+            token = sample(row, np.asarray(history, dtype=np.int64), n_prompt)
+            history.append(token)
+            produced += 1
+            if produced > 1:
+                stats.decode_seconds = time.perf_counter() - t0
+            yield token
+            if token in stop_ids or produced == max_tokens:
+                return
+            if j < len(draft) and token == draft[j]:
+                stats.accepted_draft_tokens += 1
+                continue  # the next row was computed after this very token: it stays valid
+            kv.truncate(kv.length - (len(draft) - j))  # the cache holds draft[j:], which did not happen
+            break
+        if lookup:
+            draft_len.update(len(draft), stats.accepted_draft_tokens - kept_before)
+        if produced == 1:
             t0 = time.perf_counter()  # decode speed counts the steps after the first token
-        logits = decoder.forward(embed(np.array([token])), [int(token)])
+        # Room: the cache keeps one position free for the token after this step, and the draft never
+        # runs past max_tokens.
+        room = min(draft_len() if lookup else 0, max_tokens - produced - 1, kv.max_length - kv.length - 1)
+        draft = [int(t) for t in lookup_draft(np.asarray(history), room)] if room > 0 else []
+        kept_before = stats.accepted_draft_tokens
+        fed = [token] + draft
+        stats.draft_tokens += len(draft)
+        if draft:
+            rows = decoder.forward_all(embed(np.array(fed)), fed)
+        else:
+            rows = [decoder.forward(embed(np.array([token])), [int(token)])]

@@ -91,10 +91,14 @@ class Pipeline:
         """Stream the assistant's reply. Bad input raises (InputError...) before the first chunk."""
         params = params or GenerationParams()
         sampler = make_sampler(params)
+        if params.lookup and not self.decoder.multi_logits:
+            raise InputError("prompt lookup needs a bundle exported with it (this decoder returns one "
+                             "position's logits); re-export the model", param="lookup")
         ids, embeds, keys, usage, max_tokens = self._prepare(messages, params)
         stats = StepStats()
         tokens = generate_tokens(self.decoder, self.embed, embeds, keys, ids, sampler, max_tokens,
-                                 self.stop_ids | set(params.stop_token_ids), stats, reuse_prefix=params.cache_prompt)
+                                 self.stop_ids | set(params.stop_token_ids), stats, reuse_prefix=params.cache_prompt,
+                                 lookup=params.lookup)
         yield from self._stream_text(tokens, params, usage, stats)
 
     def prompt_logits(self, messages: list[Message], cache_prompt: bool = True) -> tuple[np.ndarray, int]:
@@ -222,6 +226,7 @@ class Pipeline:
         usage.completion_tokens = n
         usage.cached_prompt_tokens = stats.cached_tokens
         usage.prefill_seconds, usage.decode_seconds = stats.prefill_seconds, stats.decode_seconds
+        usage.draft_tokens, usage.accepted_draft_tokens = stats.draft_tokens, stats.accepted_draft_tokens
         yield GenerationChunk(finish_reason=finish, usage=usage)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from .errors import InputError
 from .types import GenerationParams
 
+MAX_LOOKUP = 16  # draft tokens per step: past ~8 a verify step costs more than the drafts usually win
 _TOP_P_CANDIDATES = 2048  # try the nucleus inside the best 2048 tokens before sorting the whole vocabulary
 
 
@@ -109,6 +110,8 @@ def validate(params: GenerationParams) -> None:
             raise bad(name, "in [-2, 2]")
     if params.seed is not None and (not isinstance(params.seed, Integral) or isinstance(params.seed, bool)):
         raise bad("seed", "an integer or null")
+    if not isinstance(params.lookup, Integral) or isinstance(params.lookup, bool) or not 0 <= params.lookup <= MAX_LOOKUP:
+        raise bad("lookup", f"an integer in [0, {MAX_LOOKUP}] (0 = off)")
 
 
 @dataclass

@@ -32,6 +32,12 @@ class GenerationParams:
     # activations (the int4 decoder's default) a cached prefix is not bit-identical to a cold prefill,
     # so a greedy reply can differ; a cold prefill is reproducible run to run.
     cache_prompt: bool = True
+    # Prompt lookup decoding: feed up to this many draft tokens per step, copied from where the last
+    # tokens occurred earlier in the conversation (0 = off). Tokens are drawn as in plain decoding (in
+    # fp32 the same reply; with int8 activations up to rounding, as with cache_prompt). A step that
+    # verifies drafts costs more than a plain one, so it pays off when replies repeat their context
+    # (quoting, extraction, editing), not on free text.
+    lookup: int = 0
 
 
 @dataclass
@@ -42,6 +48,8 @@ class Usage:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     vision_seconds: float = 0.0
+    draft_tokens: int = 0  # prompt lookup: draft tokens verified
+    accepted_draft_tokens: int = 0  # ... and kept
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -61,6 +69,8 @@ class Usage:
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            "draft_tokens": self.draft_tokens,
+            "accepted_draft_tokens": self.accepted_draft_tokens,
         }
 
 

@@ -74,6 +74,7 @@ def generation_params(req: ChatCompletionRequest, context_length: int, settings:
         seed=req.seed,
         stop=stop,
         cache_prompt=req.cache_prompt is not False,
+        lookup=settings.default_lookup if req.lookup is None else req.lookup,
     )
 
 

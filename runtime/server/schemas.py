@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from ..sampler import MAX_LOOKUP
+
 _STRICT = ConfigDict(extra="forbid", strict=True)
 _OUT = ConfigDict(extra="forbid")
 
@@ -21,6 +23,7 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 = greedy. De
 TopP = Annotated[float, Field(gt=0.0, le=1.0, description="Default 1 (off).")]
 TopK = Annotated[int, Field(ge=-1, description="0 or -1 = off (default).")]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, description="Default 0.")]
+Lookup = Annotated[int, Field(ge=0, le=MAX_LOOKUP, description="Prompt lookup draft tokens per step; 0 = off.")]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="1 = off (default).")]
 MaxTokens = Annotated[int, Field(ge=1)]
 StopText = Annotated[str, Field(min_length=1)]
@@ -124,6 +127,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     cache_prompt: bool | None = None  # extension (llama.cpp server's name): false = no KV prefix reuse
+    lookup: Lookup | None = None  # extension: prompt lookup draft tokens per step (the server's default)
     # accepted and ignored
     user: str | None = None
     metadata: dict[str, str] | None = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..sampler import MAX_LOOKUP
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -30,6 +32,7 @@ class ServerSettings:
     max_images_per_request: int = 16
     max_request_bytes: int = 64 * 1024 * 1024  # whole JSON body (base64 images make it large)
     default_max_tokens: int | None = None  # None: until a stop token or the end of the context
+    default_lookup: int = 0  # prompt lookup draft tokens for requests that do not set `lookup`
 
     def __post_init__(self) -> None:
         positive = ("max_queue", "max_image_bytes", "max_image_pixels", "request_timeout", "url_timeout",
@@ -43,6 +46,8 @@ class ServerSettings:
             raise ValueError(f"port must be in 0..65535, got {self.port!r}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be at least 1, got {self.default_max_tokens!r}")
+        if not 0 <= self.default_lookup <= MAX_LOOKUP:
+            raise ValueError(f"default_lookup must be in 0..{MAX_LOOKUP}, got {self.default_lookup!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty")
         if self.allowed_local_media is not None:

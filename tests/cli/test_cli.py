@@ -41,13 +41,17 @@ def test_infer_json_is_deterministic_and_greedy(fp32_bundle):
     assert first["usage"]["prompt_tokens"] == len(first["prompt_token_ids"])
     assert first["usage"]["completion_tokens"] == len(first["token_ids"])
     assert first["usage"]["decode_tokens_per_s"] > 0
+    with_lookup = json.loads(minicpmo(*args, "--lookup", "4").stdout)
+    assert with_lookup["token_ids"] == first["token_ids"]
 
 
 def test_infer_streams_text_to_stdout_and_stats_to_stderr(int4_bundle):
     proc = minicpmo("infer", "--model", int4_bundle, "--image", DEMO_IMAGE, "--prompt", "Describe it.",
-                    "--max-tokens", "8", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "50", "--seed", "3")
+                    "--max-tokens", "8", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "50", "--seed", "3",
+                    "--lookup", "3")
     assert proc.stdout.strip()
     assert "prompt tokens" in proc.stderr and "Traceback" not in proc.stderr
+    assert re.search(r"lookup kept \d+ of \d+ draft tokens", proc.stderr)
 
 
 def test_sampling_with_a_seed_repeats(int4_bundle):

@@ -95,6 +95,15 @@ def test_defaults_follow_openai(client, fake):
     assert (params.temperature, params.top_p, params.top_k) == (1.0, 1.0, 0)
     assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.0, 0.0, 1.0)
     assert params.max_tokens == fake.context_length and params.seed is None and params.stop == ()
+    assert params.lookup == 0 and params.cache_prompt
+
+
+def test_lookup_comes_from_the_request_or_the_server_default(fake):
+    with started_client(fake, default_lookup=3) as c:
+        assert chat(c, [{"role": "user", "content": "x"}]).status_code == 200
+        assert fake.calls[-1][1].lookup == 3
+        assert chat(c, [{"role": "user", "content": "x"}], lookup=0).status_code == 200
+        assert fake.calls[-1][1].lookup == 0
 
 
 def test_parameters_are_mapped(client, fake):
@@ -107,7 +116,7 @@ def test_parameters_are_mapped(client, fake):
     assert messages[0]["role"] == "system"
     assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.0, 0.5, 0, 7)
     assert (params.frequency_penalty, params.presence_penalty, params.repetition_penalty) == (0.5, -0.5, 1.2)
-    assert params.stop == ("END",) and params.max_tokens == 3
+    assert params.stop == ("END",) and params.max_tokens == 3 and params.lookup == 0
     assert r.json()["usage"]["completion_tokens"] == 3
     chat(client, [{"role": "user", "content": "x"}], stop=["a", "b"], max_tokens=4)
     assert fake.calls[-1][1].stop == ("a", "b") and fake.calls[-1][1].max_tokens == 4
@@ -163,6 +172,8 @@ BAD_BODIES = [
      "invalid_value", "temperature"),
     ({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": "10"}, 400,
      "invalid_value", "max_tokens"),
+    ({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "lookup": 17}, 400,
+     "invalid_value", "lookup"),
     ({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400,
      "invalid_value", "max_tokens"),
     ({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400,
@@ -370,4 +381,6 @@ def test_settings_are_checked(tmp_path):
         ServerSettings(allowed_local_media=tmp_path / "missing")
     with pytest.raises(ValueError, match="max_queue"):
         ServerSettings(max_queue=0)
+    with pytest.raises(ValueError, match="default_lookup"):
+        ServerSettings(default_lookup=17)
     assert ServerSettings(allowed_local_media=tmp_path / ".").allowed_local_media == tmp_path.resolve()
