@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,15 @@ def _fail_cleanly(fn):
     return wrapper
 
 
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (kill, a stopped container) like Ctrl-C: the staged folder a command is writing is
+    then deleted on the way out. Python's default for SIGTERM exits at once and would leave it behind."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
 def cli(verbose: bool) -> None:
@@ -52,6 +62,7 @@ def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path |
     """Write a synthetic checkpoint in the exact upstream format (random weights)."""
     from ..export.synth import write_synthetic_checkpoint
 
+    _interrupt_on_sigterm()
     path = write_synthetic_checkpoint(out, size=size, seed=seed, audio=not no_audio, tokenizer_dir=tokenizer_dir)
     click.echo(str(path))
 
@@ -90,6 +101,7 @@ def export(checkpoint: str, output: Path | None, precision: str, lm_head_precisi
                          accuracy_level=accuracy_level, decoder_dtype=decoder_dtype, kv_cache=kv_cache,
                          kv_calibration_text=str(kv_calibration_text) if kv_calibration_text else None,
                          audio=not no_audio)
+    _interrupt_on_sigterm()
     with ProgressPrinter() as progress:
         out = export_bundle(checkpoint, output, opts, overwrite=overwrite, progress=progress)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
@@ -224,7 +236,7 @@ def serve(model, provider, threads, context_length, no_cuda_graph, host, port, a
     from ..runtime.manifest import load_manifest
     from ..runtime.pipeline import Pipeline
 
-    if lookup and "num_logits" not in load_manifest(model)["decoder"]["io"]:
+    if lookup and "logits_start" not in load_manifest(model)["decoder"]["io"]:
         raise click.ClickException(f"--lookup: {model} was exported before prompt lookup existed; re-export it")
     settings = ServerSettings(model_dir=model, host=host, port=port, api_key=api_key,
                               allowed_local_media=allowed_local_media, allow_private_urls=allow_private_urls,

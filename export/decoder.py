@@ -3,9 +3,10 @@
 Inputs:  inputs_embeds [1, S, D] f32, past_key_values.{i}.key/value [1, Hkv, M, Dh] (M = the
          preallocated cache length; past and present are bound to the same buffer),
          seqlens_k [1] i32 (= total length - 1), total_sequence_length [] i32,
-         num_logits [1] i64 (how many of the last positions get logits: 1, or 1 + the draft tokens
-         a prompt-lookup step verifies).
-Outputs: logits [1, num_logits, V] f32 (the last positions only: prefill never pays for S x V logits),
+         logits_start [1] i64 (where the positions that get logits start, counted from the end:
+         -1 for the last one, -(1 + N) when a prompt-lookup step verifies N draft tokens).
+Outputs: logits [1, L, V] f32 (the last L = -logits_start positions only: prefill never pays for
+         S x V logits),
          present.{i}.key/value (the same buffers, written in place by GroupQueryAttention).
 
 The compute dtype (`ExportOptions.decoder_dtype`) is that of the KV cache, the activations, the norm
@@ -47,7 +48,7 @@ class DecoderIO:
     inputs_embeds: str = "inputs_embeds"
     seqlens_k: str = "seqlens_k"
     total_sequence_length: str = "total_sequence_length"
-    num_logits: str = "num_logits"
+    logits_start: str = "logits_start"
     logits: str = "logits"
     past_key: str = "past_key_values.{i}.key"
     past_value: str = "past_key_values.{i}.value"
@@ -145,8 +146,8 @@ def _declare_io(g: GraphBuilder, cfg: DecoderConfig, dt: np.dtype) -> None:
         g.input(IO.past_value.format(i=i), kv_type, kv)
     g.input(IO.seqlens_k, TensorProto.INT32, [1])
     g.input(IO.total_sequence_length, TensorProto.INT32, [])
-    g.input(IO.num_logits, TensorProto.INT64, [1])
-    g.output(IO.logits, f32, [1, "num_logits", cfg.vocab_size])
+    g.input(IO.logits_start, TensorProto.INT64, [1])
+    g.output(IO.logits, f32, [1, "logits_length", cfg.vocab_size])
     for i in range(cfg.num_hidden_layers):
         g.output(IO.present_key.format(i=i), kv_type, kv)
         g.output(IO.present_value.format(i=i), kv_type, kv)
@@ -181,9 +182,9 @@ def build_decoder_graph(g: GraphBuilder, cfg: DecoderConfig, read: ReadWeight, o
         if progress:
             progress(i + 1, cfg.num_hidden_layers)
     # Only the last positions' logits are needed (one, or the ones a draft is verified at): slice before
-    # the (vocab-sized) head.
-    start = g.op("Neg", [IO.num_logits], "/model/last_positions/Neg")
-    last_pos = g.op("Slice", [n, start, g.const([2**62]), g.const([1])], "/model/last_positions/Slice")
+    # the (vocab-sized) head. The start is a graph input, not computed from a count: Slice reads starts
+    # on the CPU, and a node computing them would run there too, which a CUDA graph does not allow.
+    last_pos = g.op("Slice", [n, IO.logits_start, g.const([2**62]), g.const([1])], "/model/last_positions/Slice")
     head_name = "llm.model.embed_tokens.weight" if cfg.tie_word_embeddings else "llm.lm_head.weight"
     if opts.head_precision == "int4+int8":
         logits = rescored_head(g, "/lm_head", last_pos, read(head_name), block_size=opts.block_size,

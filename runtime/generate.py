@@ -7,7 +7,7 @@ device. A decode step (S = 1) copies its embedding row and `seqlens_k` into prea
 that device. So every address a step touches stays fixed, which is what a CUDA graph replay needs.
 Only a prefill chunk binds its embeddings from host memory.
 `total_sequence_length` is always a host scalar: GroupQueryAttention reads it on the CPU, and so is
-`num_logits` (Slice reads its starts on the CPU): 1, except in a step that verifies draft tokens.
+`logits_start` (Slice reads its starts on the CPU): -1, except in a step that verifies draft tokens.
 
 Prompt lookup (`lookup_draft`, `generate_tokens(lookup=N)`): when the last few tokens occurred earlier
 in the conversation, the tokens that followed them there are fed as a draft together with the new
@@ -59,13 +59,13 @@ class Decoder:
         self._io.bind_ortvalue_input(io_names["seqlens_k"], self._seqlens)
         self._io.bind_ortvalue_input(io_names["total_sequence_length"], self._total)
         self._io.bind_ortvalue_output(io_names["logits"], self._logits)
-        # Bundles exported before prompt lookup have no num_logits input: their graph gives one row.
+        # Bundles exported before prompt lookup have no logits_start input: their graph gives one row.
         inputs = {i.name for i in session.get_inputs()}
-        self.multi_logits = io_names.get("num_logits") in inputs
+        self.multi_logits = io_names.get("logits_start") in inputs
         if self.multi_logits:
-            self._num_logits = alloc((1,), np.int64, "cpu", 0)
-            self._num_logits.update_inplace(np.ones(1, dtype=np.int64))
-            self._io.bind_ortvalue_input(io_names["num_logits"], self._num_logits)
+            self._logits_start = alloc((1,), np.int64, "cpu", 0)
+            self._logits_start.update_inplace(np.array([-1], dtype=np.int64))
+            self._io.bind_ortvalue_input(io_names["logits_start"], self._logits_start)
         self._prefill_embeds = None  # the host array bound for a prefill chunk, kept alive while bound
         self.cuda_graph = cuda_graph
         self._step_options = self._prefill_options = None
@@ -93,12 +93,12 @@ class Decoder:
         if out is None:
             out = self._draft_logits[s] = ort.OrtValue.ortvalue_from_shape_and_type(
                 (1, s, self._vocab_size), np.float32, self.kv.device, self.kv.device_id)
-        self._num_logits.update_inplace(np.array([s], dtype=np.int64))
+        self._logits_start.update_inplace(np.array([-s], dtype=np.int64))
         self._io.bind_ortvalue_output(self.names["logits"], out)
         try:
             self._run(embeds, keys)
         finally:  # back to the one-row binding a decode step (and a captured CUDA graph) uses
-            self._num_logits.update_inplace(np.ones(1, dtype=np.int64))
+            self._logits_start.update_inplace(np.array([-1], dtype=np.int64))
             self._io.bind_ortvalue_output(self.names["logits"], self._logits)
         return out.numpy()[0]
 

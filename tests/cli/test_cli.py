@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,21 @@ def test_synth_export_infer_with_the_builtin_tokenizer(tmp_path):
     proc = minicpmo("export", ckpt, "-o", tmp_path / "bad", "--kv-cache", "int8", "--decoder-dtype", "fp16",
                     check=False)
     assert proc.returncode == 1 and "fp32 decoder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sigterm_during_export_leaves_no_partial_folder(tiny_checkpoint, tmp_path):
+    """kill (SIGTERM) mid-export: the staged folder is deleted and nothing else is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "minicpmo.cli.main", "export", str(tiny_checkpoint),
+                             "-o", str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".b.partial-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the export ended before it was stopped"
+            time.sleep(0.005)
+        time.sleep(0.3)  # well inside the export
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -166,6 +166,19 @@ def int4_pipe(int4_bundle):
 MESSAGES = [{"role": "user", "content": "Tell me a story about a robot."}]
 
 
+def test_decoder_graph_feeds_logits_start_straight_to_slice(int4_bundle):
+    """No node computes from it: a node feeding Slice's starts would run on the CPU, and a CUDA graph
+    needs every node on the GPU."""
+    import onnx
+
+    from minicpmo.runtime.manifest import load_manifest
+
+    graph = onnx.load(int4_bundle / "decoder.onnx", load_external_data=False).graph
+    users = [n for n in graph.node if "logits_start" in n.input]
+    assert [(n.op_type, list(n.input).index("logits_start")) for n in users] == [("Slice", 1)]
+    assert load_manifest(int4_bundle)["decoder"]["io"]["logits_start"] == "logits_start"
+
+
 def test_multi_position_logits_match_single_steps(fp32_pipe, int4_pipe):
     """forward_all's rows equal the logits of feeding the same tokens one step at a time (fp32), and
     stay close with the int4 graph and its rescored head."""
