@@ -234,7 +234,10 @@ class _Run:
         self.request.state.usage = usage
         return UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                          total_tokens=usage.prompt_tokens + usage.completion_tokens,
-                         prompt_tokens_details={"cached_tokens": usage.cached_prompt_tokens})
+                         prompt_tokens_details={"cached_tokens": usage.cached_prompt_tokens},
+                         completion_tokens_details={
+                             "accepted_prediction_tokens": usage.accepted_draft_tokens,
+                             "rejected_prediction_tokens": usage.draft_tokens - usage.accepted_draft_tokens})
 
     def _record_start(self) -> None:
         self.first_chunk_seen = True

@@ -176,6 +176,8 @@ class UsageInfo(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: dict[str, int] | None = None
+    # OpenAI's names for predicted tokens: here the prompt lookup draft tokens kept and dropped
+    completion_tokens_details: dict[str, int] | None = None
 
 
 class ResponseMessage(BaseModel):

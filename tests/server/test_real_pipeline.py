@@ -105,3 +105,20 @@ def test_cache_prompt_false_prefills_the_whole_prompt(server):
                                            extra_body={"cache_prompt": False}) for _ in range(2)]
     assert [c.usage.prompt_tokens_details.cached_tokens for c in cold] == [0, 0]
     assert cold[0].choices[0].message.content == cold[1].choices[0].message.content
+
+
+def test_lookup_drafts_are_reported_as_predicted_tokens(server, monkeypatch):
+    """The `lookup` extension reaches the decode loop; kept and dropped draft tokens come back under
+    OpenAI's usage.completion_tokens_details names."""
+    from minicpmo.runtime import generate
+
+    monkeypatch.setattr(generate, "lookup_draft", lambda history, n, ngrams=None: history[-n:])  # mostly wrong
+    model = server.models.list().data[0].id
+    messages = [{"role": "user", "content": "Name three colours."}]
+    plain = server.chat.completions.create(model=model, max_tokens=12, temperature=0, messages=messages)
+    details = plain.usage.completion_tokens_details
+    assert (details.accepted_prediction_tokens, details.rejected_prediction_tokens) == (0, 0)
+    drafted = server.chat.completions.create(model=model, max_tokens=12, temperature=0, messages=messages,
+                                             extra_body={"lookup": 3})
+    details = drafted.usage.completion_tokens_details
+    assert details.rejected_prediction_tokens > 0 and drafted.usage.completion_tokens == 12
