@@ -142,34 +142,41 @@ class StepStats:
 
 
 LOOKUP_NGRAMS = (3, 2)  # match the last 3 tokens, else the last 2; one token alone drafts too often in vain
-# What one more position in a step costs, as a share of a one-position step (1.5B on 2 cores: 0.07 for
-# the second, ~0.15 each after). A draft token is worth feeding while the chance that it is kept
-# (the product of the chances before it) is above this.
-LOOKUP_POSITION_COST = 0.15
+# What one more position in a step costs, as a share of a one-position step: 0.2 at 1.5B and 0.3 at
+# 7B on 2 cores (benchmarks/lookup.py), where an extra position is compute (~22 ms at 7B) on top of a
+# step that reads all the weights (~80 ms). A constant, not timed at run time: the draft lengths, and
+# with int8 activations the reply, must not depend on how busy the machine is.
+LOOKUP_POSITION_COST = 0.25
 
 
 class DraftLength:
-    """How many draft tokens to feed: a running estimate of the chance that a draft token is kept,
-    and the longest draft whose last token still pays for its position.
+    """How many draft tokens to feed: the length with the most tokens per unit of step time, from a
+    running estimate of the chance that a draft token is kept and what a position costs.
 
-    A miss lowers the estimate, a kept token raises it; while no draft is fed it drifts back toward
-    even odds, so after a run of misses drafting is retried one token about every fifth step."""
+    With d draft tokens each kept with chance p, a step yields (1 - p^(d+1)) / (1 - p) tokens on
+    average and costs 1 + c·d one-position steps. A miss lowers p, a kept token raises it; while no
+    draft is fed p drifts back toward even odds, so after a run of misses drafting is retried now
+    and then."""
 
-    def __init__(self, limit: int, prior: float = 0.5):
-        self.limit, self.kept = limit, prior
+    def __init__(self, limit: int, prior: float = 0.5, cost: float = LOOKUP_POSITION_COST):
+        self.limit, self.p_kept, self.cost = limit, prior, cost
 
     def __call__(self) -> int:
-        n, p = 0, 1.0
-        while n < self.limit and p * self.kept > LOOKUP_POSITION_COST:
-            n, p = n + 1, p * self.kept
-        return n
+        best, best_rate, tokens, p = 0, 1.0, 1.0, 1.0
+        for d in range(1, self.limit + 1):
+            p *= self.p_kept
+            tokens += p
+            rate = tokens / (1 + self.cost * d)
+            if rate > best_rate:
+                best, best_rate = d, rate
+        return best
 
     def update(self, fed: int, kept: int) -> None:
         if not fed:
-            self.kept += 0.01 * (0.5 - self.kept)
+            self.p_kept += 0.01 * (0.5 - self.p_kept)
             return
         for i in range(min(kept + 1, fed)):  # the tokens checked: the kept ones and the first miss
-            self.kept = 0.9 * self.kept + 0.1 * (i < kept)
+            self.p_kept = 0.9 * self.p_kept + 0.1 * (i < kept)
 
 
 def lookup_draft(history: np.ndarray, max_tokens: int, ngrams: Sequence[int] = LOOKUP_NGRAMS) -> np.ndarray:

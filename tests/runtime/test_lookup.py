@@ -31,8 +31,8 @@ def test_lookup_draft_falls_back_to_two_tokens_and_never_to_one():
 
 
 def test_draft_length_grows_with_kept_drafts_and_backs_off_after_misses():
-    d = DraftLength(4)
-    assert d() == 2  # even odds: the third token would be kept one time in eight
+    d = DraftLength(4, cost=0.15)
+    assert d() == 2  # even odds: a third token would add 1/8 of a token for 0.15 of a step
     for _ in range(10):
         d.update(d(), d())  # every draft kept
     assert d() == 4
@@ -41,9 +41,10 @@ def test_draft_length_grows_with_kept_drafts_and_backs_off_after_misses():
         n = d()
         drafting.append(n > 0)
         d.update(n, 0)
-    assert sum(drafting[:20]) > 15  # a few misses do not stop it...
+    assert sum(drafting[:20]) >= 10  # a few misses do not stop it...
     assert 0 < sum(drafting[100:]) < 25  # ...a run of them does, but it still retries now and then
-    assert d.limit == 4 and DraftLength(0)() == 0
+    assert DraftLength(0)() == 0
+    assert DraftLength(4, prior=0.5, cost=0.3)() == 1 and DraftLength(4, prior=0.2, cost=0.3)() == 0
 
 
 class _ScriptedKV:
@@ -112,7 +113,7 @@ def test_scripted_model_gives_the_same_tokens_in_fewer_steps(lookup):
     assert ours == plain and len(ours) == 60
     assert stats.accepted_draft_tokens > 0 and stats.draft_tokens > stats.accepted_draft_tokens  # kept and missed
     assert len(dec.steps) < 1 + 59  # prefill + one step per token without lookup
-    assert max(dec.steps[1:]) == lookup + 1
+    assert min(lookup + 1, 4) <= max(dec.steps[1:]) <= lookup + 1  # drafts grow while they are kept
     # the cache holds exactly the fed prefix of what was generated (the last token is never fed)
     assert dec.kv.keys == [1, 2, 3] + ours[:-1]
 
