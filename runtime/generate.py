@@ -223,9 +223,6 @@ def generate_tokens(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
     up to that many prompt-lookup draft tokens with each step (see the module docstring); the caller
     closes the generator to cancel.
     """
-    if lookup and not decoder.multi_logits:
-        raise ValueError("prompt lookup needs a decoder that returns logits for several positions; "
-                         "re-export this bundle")
     logits = prefill_prompt(decoder, prompt_embeds, prompt_keys, stats, reuse_prefix)
     kv = decoder.kv
     history = list(np.asarray(prompt_ids, dtype=np.int64))
