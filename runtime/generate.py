@@ -53,7 +53,7 @@ class Decoder:
         self._total = alloc((), np.int32, "cpu", 0)
         self._logits = alloc((1, 1, vocab_size), np.float32, device, kv.device_id)
         self._vocab_size = vocab_size
-        self._draft_logits: dict[int, ort.OrtValue] = {}  # [1, n, V] outputs of verify steps, by n
+        self._verify_logits = None  # the last verify step's [1, S, V] output, alive while its rows are read
         self._io = session.io_binding()
         kv.bind(self._io)
         self._io.bind_ortvalue_input(io_names["seqlens_k"], self._seqlens)
@@ -89,10 +89,10 @@ class Decoder:
             return self.forward(embeds, keys)[None]
         if not self.multi_logits:
             raise ValueError("this bundle's decoder returns one position's logits (re-export it for prompt lookup)")
-        out = self._draft_logits.get(s)
-        if out is None:
-            out = self._draft_logits[s] = ort.OrtValue.ortvalue_from_shape_and_type(
-                (1, s, self._vocab_size), np.float32, self.kv.device, self.kv.device_id)
+        # A fresh buffer per verify step (S x V floats: 2.4 MB for S = 4 at 7B), not one kept per S:
+        # draft lengths vary, and buffers for every S up to 17 would hold ~90 MB.
+        out = self._verify_logits = ort.OrtValue.ortvalue_from_shape_and_type(
+            (1, s, self._vocab_size), np.float32, self.kv.device, self.kv.device_id)
         self._logits_start.update_inplace(np.array([-s], dtype=np.int64))
         self._io.bind_ortvalue_output(self.names["logits"], out)
         try:
