@@ -45,6 +45,9 @@ PEERS = {
                             {"block_size": 64, "head_precision": "int4+int8"}),
     "ours-b128-head48": Peer("ours int4 b128 (lm_head int4+int8)", "ours",
                              {"block_size": 128, "head_precision": "int4+int8"}),
+    # block 256 (session 6): 4.25 bits per weight in MLAS's packed layout against block 32's 6
+    "ours-b256-head48": Peer("ours int4 b256 (lm_head int4+int8)", "ours",
+                             {"block_size": 256, "head_precision": "int4+int8"}),
     # the speed options together: fewest bytes, most error (both measured in RESULTS.md)
     "ours-b128-head4": Peer("ours int4 b128 (lm_head int4)", "ours", {"block_size": 128, "head_precision": "int4"}),
     "ortgenai": Peer("onnxruntime-genai int4 b32", "ortgenai", {"extra": []}),

@@ -76,7 +76,7 @@ def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path |
                    "int8 head's bytes per token). Default: int4+int8 under int4 (int8 with --decoder-dtype "
                    "fp16), else the same as --precision.")
 @click.option("--vision-precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
-@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--block-size", type=click.Choice(["32", "64", "128", "256"]), default="64", show_default=True)
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True)
 @click.option("--decoder-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16 for GPUs (CUDA): activations, scales and KV cache in fp16.")

@@ -9,7 +9,7 @@ PRECISIONS = ("int4", "int8", "fp32")
 HEAD_PRECISIONS = (*PRECISIONS, "int4+int8")
 VISION_PRECISIONS = ("fp32", "fp16", "int8")
 DECODER_DTYPES = ("fp32", "fp16")
-BLOCK_SIZES = (16, 32, 64, 128)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 KV_CACHES = ("auto", "int8")
 
 
@@ -19,7 +19,7 @@ class ExportOptions:
     lm_head_precision: str | None = None  # None: see head_precision
     vision_precision: str = "fp32"  # vision encoder + resampler (+ audio encoder)
     # 64: the bytes (4.56 bits/weight) and the reconstruction error of llama.cpp Q4_0 (measured in
-    # benchmarks/RESULTS.md); 32 is more exact and 13% bigger, 128 is 7% smaller and less exact.
+    # benchmarks/RESULTS.md); 32 is more exact and 13% bigger, 128 and 256 are smaller and less exact.
     block_size: int = 64
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 0 = fp32
     audio: bool = True  # export the audio encoder when the checkpoint has one

@@ -56,6 +56,24 @@ def test_top_candidates_get_int8_logits_the_rest_int4(tmp_path, k, block):
         assert np.abs(fine[top] - coarse[top]).max() > 1e-2
 
 
+def test_several_positions_are_rescored_each_on_its_own(tmp_path):
+    """x [1, R, K] (a prompt-lookup verify step): every row gets exactly what it gets alone."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((2000, 512)).astype(np.float32)
+    g = GraphBuilder("t", tmp_path / "m.onnx.data")
+    g.input("x", TensorProto.FLOAT, [1, "r", 512])
+    y = rescored_head(g, "/lm_head", "x", w, candidates=16, block_size=256, accuracy_level=0)
+    g.op("Identity", [y], "out", outputs=["logits"])
+    g.output("logits", TensorProto.FLOAT, [1, "r", 2000])
+    g.save(tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, 4, 512)).astype(np.float32)
+    rows = sess.run(None, {"x": x})[0]
+    assert rows.shape == (1, 4, 2000)
+    for r in range(4):
+        np.testing.assert_allclose(rows[0, r], sess.run(None, {"x": x[:, r:r + 1]})[0][0, 0], rtol=0, atol=1e-4)
+
+
 def test_greedy_pick_is_the_int8_heads(tmp_path):
     """Over many hidden states the argmax equals that of an int8 head (the int8 winner is always among
     the int4 top 64), while the int4 head alone picks differently now and then."""
