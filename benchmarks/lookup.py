@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             done = len(history) - n_prompt
             d = np.array(reply[done:done + max_tokens], dtype=np.int64)
             wrong = self.rng.random(len(d)) >= self.rate
-            return np.where(wrong, (d + 1) % pipe.decoder._vocab_size, d)
+            return np.where(wrong, (d + 1) % pipe.decoder.vocab_size, d)
 
         def sampler(self, params):
             real = make_sampler(params)

@@ -52,7 +52,7 @@ class Decoder:
         self._seqlens = alloc((1,), np.int32, device, kv.device_id)
         self._total = alloc((), np.int32, "cpu", 0)
         self._logits = alloc((1, 1, vocab_size), np.float32, device, kv.device_id)
-        self._vocab_size = vocab_size
+        self.vocab_size = vocab_size
         self._verify_logits = None  # the last verify step's [1, S, V] output, alive while its rows are read
         self._io = session.io_binding()
         kv.bind(self._io)
@@ -92,7 +92,7 @@ class Decoder:
         # A fresh buffer per verify step (S x V floats: 2.4 MB for S = 4 at 7B), not one kept per S:
         # draft lengths vary, and buffers for every S up to 17 would hold ~90 MB.
         out = self._verify_logits = ort.OrtValue.ortvalue_from_shape_and_type(
-            (1, s, self._vocab_size), np.float32, self.kv.device, self.kv.device_id)
+            (1, s, self.vocab_size), np.float32, self.kv.device, self.kv.device_id)
         self._logits_start.update_inplace(np.array([-s], dtype=np.int64))
         self._io.bind_ortvalue_output(self.names["logits"], out)
         try:
@@ -228,7 +228,7 @@ def generate_tokens(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
     history = list(np.asarray(prompt_ids, dtype=np.int64))
     n_prompt = len(history)
     rows, draft = [logits], []  # logits to sample from in turn; the draft tokens fed after the first
-    draft_len, kept_before = DraftLength(lookup), 0
+    draft_len = DraftLength(lookup)  # with lookup 0 it always says 0: no draft is looked for
     produced, t0 = 0, time.perf_counter()
     while True:
         for j, row in enumerate(rows):
@@ -245,15 +245,13 @@ def generate_tokens(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
                 continue  # the next row was computed after this very token: it stays valid
             kv.truncate(kv.length - (len(draft) - j))  # the cache holds draft[j:], which did not happen
             break
-        if lookup:
-            draft_len.update(len(draft), stats.accepted_draft_tokens - kept_before)
+        draft_len.update(len(draft), j)  # the loop broke at row j: the draft's first j tokens were kept
         if produced == 1:
             t0 = time.perf_counter()  # decode speed counts the steps after the first token
         # Room: the cache keeps one position free for the token after this step, and the draft never
         # runs past max_tokens.
-        room = min(draft_len() if lookup else 0, max_tokens - produced - 1, kv.max_length - kv.length - 1)
+        room = min(draft_len(), max_tokens - produced - 1, kv.max_length - kv.length - 1)
         draft = [int(t) for t in lookup_draft(np.asarray(history), room)] if room > 0 else []
-        kept_before = stats.accepted_draft_tokens
         fed = [token] + draft
         stats.draft_tokens += len(draft)
         if draft:

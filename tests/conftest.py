@@ -16,15 +16,15 @@ def real_tokenizer_dir() -> Path | None:
     return REAL_TOKENIZER if (REAL_TOKENIZER / "tokenizer.json").is_file() else None
 
 
+_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
     if report.failed:
         item.stash[_FAILED] = True
     return report
-
-
-_FAILED = pytest.StashKey[bool]()
 
 
 @pytest.fixture(autouse=True)

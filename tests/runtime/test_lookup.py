@@ -189,7 +189,7 @@ def test_multi_position_logits_match_single_steps(fp32_pipe, int4_pipe):
         pipe.kv.reset()
         d.prefill(pipe.embed(ids[:3]), ids[:3].tolist())
         rows = d.forward_all(pipe.embed(ids[3:]), ids[3:].tolist()).copy()
-        assert rows.shape == (len(ids) - 3, d._vocab_size)
+        assert rows.shape == (len(ids) - 3, d.vocab_size)
         pipe.kv.reset()
         d.prefill(pipe.embed(ids[:3]), ids[:3].tolist())
         single = np.stack([d.forward(pipe.embed(ids[i:i + 1]), [int(ids[i])]).copy() for i in range(3, len(ids))])
