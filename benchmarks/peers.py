@@ -121,6 +121,7 @@ class Runner:
         if "error" in prep or not prep.get("ok", True):
             return row | {"error": f"preparation: {prep.get('error', 'failed')}"}
         row["file_bytes"] = prep.get("file_bytes")
+        row["artifact"] = prep.get("artifact")
         row["weight_bytes_per_token"] = prep.get("weight_bytes_per_token")
         if self.prepare_only:
             return row | {"skipped": "--prepare-only"}
@@ -186,6 +187,27 @@ class Runner:
         return a | {"ckpt": str(self.ckpt), "dtype": peer.options["dtype"]}
 
 
+def interleaved_pass(runner: Runner, rows: list[dict], rounds: int, chunk: int) -> dict:
+    """Every prepared ours / onnxruntime-genai / llama.cpp artifact in ONE process, decoding in turns
+    (benchmarks/interleaved.py): the ratios that cancel the host's drift. PyTorch is left out (its
+    fp32 copy alone is 4 bytes per parameter)."""
+    picked = {"ours": [], "ortgenai": [], "gguf": []}
+    need = 0
+    for r in rows:
+        if r.get("artifact") and r["family"] in ("ours", "ortgenai", "llamacpp") and "error" not in r:
+            picked["gguf" if r["family"] == "llamacpp" else r["family"]].append(r["artifact"])
+            # what one engine holds while the others run: its own measured peak, else ~1.3x its file
+            need += r.get("peak_rss_bytes") or int(1.3 * (r.get("file_bytes") or 0))
+    if sum(map(len, picked.values())) < 2:
+        return {"skipped": "fewer than two prepared engines"}
+    have = _mem_available()
+    if need > have and not runner.force:
+        return {"skipped": f"the engines together need ~{need / 1e9:.0f} GB, {have / 1e9:.0f} GB available "
+                           "(interleave fewer peers, or --force)"}
+    return runner.worker("interleaved", picked | {"protocol": asdict(runner.proto), "rounds": rounds,
+                                                  "chunk": chunk})
+
+
 def _mem_available() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -224,6 +246,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="export/convert/quantize only (then measure later with --reuse)")
     p.add_argument("--force", action="store_true", help="try steps that look too big for this machine's memory")
     p.add_argument("--clean", action="store_true", help="delete the work folder at the end")
+    p.add_argument("--interleaved", action="store_true",
+                   help="then run the prepared engines (not PyTorch) in ONE process, decoding in turns: "
+                        "ratios that cancel the host's drift (benchmarks/interleaved.py)")
+    p.add_argument("--interleaved-rounds", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print the full results as JSON instead of the table")
     return p.parse_args(argv)
 
@@ -255,9 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         runner.reuse = True  # later rounds measure what the first one prepared
     rows = [merge_rounds(by_key[k]) for k in keys]
     add_ratios(rows, bw.get("best_bytes_per_s"), proto)
+    extra = {}
+    if args.interleaved and not args.prepare_only:
+        log.info("-- interleaved pass: %d rounds", args.interleaved_rounds)
+        extra["interleaved"] = interleaved_pass(runner, rows, args.interleaved_rounds, chunk=16)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": str(args.checkpoint),
               "protocol": asdict(proto), "rounds": args.rounds, "dims": runner.dims, "bandwidth": bw, "rows": rows,
-              "seconds": round(time.time() - t0)}
+              **extra, "seconds": round(time.time() - t0)}
     if args.clean:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2) if args.json else markdown_table(result))

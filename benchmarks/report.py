@@ -79,6 +79,12 @@ def markdown_table(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
         *[_row(r) for r in result["rows"]],
     ]
+    inter = result.get("interleaved")
+    if inter:
+        from .interleaved import markdown
+
+        lines += ["", markdown(inter) if "summary" in inter else
+                  f"Interleaved pass: {inter.get('skipped') or inter.get('error')}"]
     return "\n".join(lines)
 
 

@@ -111,6 +111,12 @@ def torch_measure(a: dict) -> dict:
     return measure(Path(a["ckpt"]), a["dtype"], _proto(a))
 
 
+def interleaved(a: dict) -> dict:
+    from .interleaved import run
+
+    return run(a["ours"], a["ortgenai"], a["gguf"], _proto(a), a["rounds"], a["chunk"])
+
+
 def profile(a: dict) -> dict:
     from .profile_decode import profile_decode
 
@@ -120,7 +126,7 @@ def profile(a: dict) -> dict:
 
 STEPS = {f.__name__: f for f in (bandwidth, dims, ours_export, ours_measure, hf_qwen2, ortgenai_build,
                                  ortgenai_measure, gguf_f16, llamacpp_quantize, llamacpp_measure,
-                                 torch_measure, profile)}
+                                 torch_measure, interleaved, profile)}
 
 
 def main(argv: list[str]) -> int:
