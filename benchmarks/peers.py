@@ -34,16 +34,17 @@ class Peer:
 
 PEERS = {
     # The head precision is explicit in every key: bundles exported under an older default stay valid
-    # for --reuse. The default is block 64 with the int4+int8 head (ours-b64-head48) since session 5.
+    # for --reuse. The default is block 128 with the int4+int8 head (ours-b128-head48) since session 7.
     "ours": Peer("ours int4 b32 (lm_head int8)", "ours", {"block_size": 32, "head_precision": "int8"}),
     "ours-b64": Peer("ours int4 b64 (lm_head int8)", "ours", {"block_size": 64, "head_precision": "int8"}),
     "ours-b128": Peer("ours int4 b128 (lm_head int8)", "ours", {"block_size": 128, "head_precision": "int8"}),
     "ours-head4": Peer("ours int4 b32 (lm_head int4)", "ours", {"block_size": 32, "head_precision": "int4"}),
     "ours-b64-head4": Peer("ours int4 b64 (lm_head int4)", "ours", {"block_size": 64, "head_precision": "int4"}),
-    # the int4 head with its 64 best tokens rescored from int8 rows (ops.rescored_head): the default
-    "ours-b64-head48": Peer("ours int4 b64 (lm_head int4+int8, default)", "ours",
+    # the int4 head with its 64 best tokens rescored from int8 rows (ops.rescored_head); block 64 was
+    # the default in sessions 5-6, block 128 since session 7 (Q4_0's bytes in MLAS's packed layout)
+    "ours-b64-head48": Peer("ours int4 b64 (lm_head int4+int8)", "ours",
                             {"block_size": 64, "head_precision": "int4+int8"}),
-    "ours-b128-head48": Peer("ours int4 b128 (lm_head int4+int8)", "ours",
+    "ours-b128-head48": Peer("ours int4 b128 (lm_head int4+int8, default)", "ours",
                              {"block_size": 128, "head_precision": "int4+int8"}),
     # block 256 (session 6): 4.25 bits per weight in MLAS's packed layout against block 32's 6
     "ours-b256-head48": Peer("ours int4 b256 (lm_head int4+int8)", "ours",
@@ -58,8 +59,8 @@ PEERS = {
     "torch-fp32": Peer("PyTorch eager fp32", "torch", {"dtype": "fp32"}),
     "torch-bf16": Peer("PyTorch eager bf16", "torch", {"dtype": "bf16"}),
 }
-DEFAULT_PEERS = ("ours", "ours-b64", "ours-b64-head48", "ours-b128", "ortgenai", "ortgenai-prune", "llamacpp-q4_0", "llamacpp-q4_k_m",
-                 "torch-fp32", "torch-bf16")
+DEFAULT_PEERS = ("ours-b128-head48", "ours-b64-head48", "ours-b256-head48", "ortgenai", "ortgenai-prune",
+                 "llamacpp-q4_0", "llamacpp-q4_k_m", "torch-fp32", "torch-bf16")
 # Peak memory of a preparation or run in bytes per LLM parameter, and at least MEMORY_FLOOR bytes
 # (ortgenai: its builder with the streaming int4 pass of benchmarks/ortgenai_build.py, measured at
 # 13.3 GB for 7.61e9 parameters and 7.3 GB for 1.78e9); a step whose estimate exceeds the memory

@@ -18,9 +18,12 @@ class ExportOptions:
     precision: str = "int4"  # decoder linear layers
     lm_head_precision: str | None = None  # None: see head_precision
     vision_precision: str = "fp32"  # vision encoder + resampler (+ audio encoder)
-    # 64: the bytes (4.56 bits/weight) and the reconstruction error of llama.cpp Q4_0 (measured in
-    # benchmarks/RESULTS.md); 32 is more exact and 13% bigger, 128 and 256 are smaller and less exact.
-    block_size: int = 64
+    # Decode on a CPU is memory-bound, and ONNX Runtime's kernel (MLAS, accuracy level 4) packs every
+    # block as its 4-bit codes plus an fp32 scale and an fp32 block sum: 4.5 bits per weight at 128,
+    # llama.cpp Q4_0's bytes, so 128 decodes at least as fast as Q4_0 (1.09x at 7B, in one process,
+    # benchmarks/RESULTS.md section 6). Its reconstruction error is 10.0% against 9.0% at 64 (5 bits
+    # packed, 0.96x Q4_0 in the host's slow state) and Q4_0's 8.6%; 256 is faster still and less exact.
+    block_size: int = 128
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 0 = fp32
     audio: bool = True  # export the audio encoder when the checkpoint has one
     # The decoder's activations, norms, quantization scales and KV cache. fp16 is the GPU variant:
