@@ -1,8 +1,13 @@
 """Block-wise weight quantization into the layout of ONNX Runtime's `MatMulNBits`.
 
-The packing itself is ONNX Runtime's own C++ routine (`quantize_matmul_4bits` / `_8bits`, the one its
-MatMulNBitsQuantizer calls): we only feed it one weight at a time, so an 8B model never has to exist
-as an fp32 ONNX graph. Dequantization is written out in numpy for tests and error reports.
+8-bit weights are packed by ONNX Runtime's own C++ routine (`quantize_matmul_8bits`, the one its
+MatMulNBitsQuantizer calls). 4-bit weights are quantized here, in numpy, because that routine is plain
+round-to-nearest over each block's full [min, max]: for 4 bits, one outlier then coarsens the grid of
+the whole block. We try a few narrower ranges per block and keep the one with the smallest squared
+error (the search llama.cpp's k-quants and AWQ's clipping also make), which lowers the relative error
+by ~5% at the default block 128 for no runtime cost. Either way one weight is quantized at a time, so
+an 8B model never has to exist as an fp32 ONNX graph. Dequantization is written out in numpy for tests
+and error reports.
 """
 
 from __future__ import annotations
@@ -26,11 +31,20 @@ class QuantizedWeight:
     k: int
 
 
-def quantize_weight(weight: np.ndarray, bits: int, block_size: int, rows_per_chunk: int = 8192) -> QuantizedWeight:
-    """Asymmetric round-to-nearest block quantization of W[N, K] along K (ORT's default algorithm).
+# The ranges tried per 4-bit block, as fractions of its [min, max] (both ends scaled, 0 kept inside).
+# More ratios or a finer grid gain < 0.2% of error on Gaussian and t(4) weights at 2.5x the time.
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
+CHUNK_ELEMENTS = 1 << 24  # weights per numpy pass (64 MB per fp32 temporary)
 
-    Blocks run along K, so rows are independent: quantizing `rows_per_chunk` rows at a time keeps the
-    fp32 transposed copy ORT's routine needs small (the 151700-row lm_head would need 2.2 GB at once).
+
+def quantize_weight(weight: np.ndarray, bits: int, block_size: int, rows_per_chunk: int = 8192,
+                    clip_ratios: tuple[float, ...] = CLIP_RATIOS) -> QuantizedWeight:
+    """Asymmetric block quantization of W[N, K] along K (with zero points).
+
+    4 bits: per block, the range among `clip_ratios` x [min, max] with the smallest squared error
+    (`clip_ratios=(1.0,)` is plain round-to-nearest, ORT's default algorithm). 8 bits: ORT's routine.
+    Blocks run along K, so rows are independent and are quantized a chunk at a time (the 151700-row
+    lm_head would need 2.2 GB at once).
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -42,14 +56,58 @@ def quantize_weight(weight: np.ndarray, bits: int, block_size: int, rows_per_chu
     packed = np.zeros((n, n_blocks, block_size * bits // 8), dtype=np.uint8)
     scales = np.zeros((n, n_blocks), dtype=np.float32)
     zero_points = np.zeros((n, zp_cols), dtype=np.uint8)
-    fn = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
+    if bits == 4:
+        rows_per_chunk = max(1, min(rows_per_chunk, CHUNK_ELEMENTS // (n_blocks * block_size)))
     for start in range(0, n, rows_per_chunk):
         stop = min(start + rows_per_chunk, n)
-        # ORT's routine takes the MatMul B matrix [K, N] (x @ B), i.e. W transposed, in fp32.
-        b = np.ascontiguousarray(weight[start:stop].T, dtype=np.float32)
         p, sc, zp = packed[start:stop], scales[start:stop], zero_points[start:stop]
-        fn(p, b, sc, zp, block_size, stop - start, k, False)  # False: asymmetric (zero points)
+        if bits == 4:
+            _quantize_4bit_blocks(np.asarray(weight[start:stop], dtype=np.float32), block_size, clip_ratios,
+                                  p, sc, zp)
+        else:
+            # ORT's routine takes the MatMul B matrix [K, N] (x @ B), i.e. W transposed, in fp32.
+            b = np.ascontiguousarray(weight[start:stop].T, dtype=np.float32)
+            ort_c.quantize_matmul_8bits(p, b, sc, zp, block_size, stop - start, k, False)  # False: asymmetric
     return QuantizedWeight(packed, scales.reshape(-1), zero_points.reshape(-1), bits, block_size, n, k)
+
+
+def _quantize_4bit_blocks(w: np.ndarray, block_size: int, clip_ratios: tuple[float, ...], packed: np.ndarray,
+                          scales: np.ndarray, zero_points: np.ndarray) -> None:
+    """Rows w[n, K] into packed [n, n_blocks, block_size / 2], scales [n, n_blocks] and the zero points'
+    bytes [n, ceil(n_blocks / 2)], with ORT's conventions (those of dequantize_weight): value =
+    (code - zero point) x scale; two codes per byte, the first in the low nibble; zero points likewise,
+    along blocks. A partial last block is padded with zeros, whose code is the zero point."""
+    n, k = w.shape
+    n_blocks = packed.shape[1]
+    if k != n_blocks * block_size:
+        w = np.pad(w, ((0, 0), (0, n_blocks * block_size - k)))
+    blocks = w.reshape(n, n_blocks, block_size)
+    lo = np.minimum(blocks.min(axis=-1, keepdims=True), 0)  # 0 stays exactly representable
+    hi = np.maximum(blocks.max(axis=-1, keepdims=True), 0)
+    best_err = best_scale = best_zp = None
+    for ratio in clip_ratios:
+        scale = (hi - lo) * np.float32(ratio / 15)
+        scale[scale == 0] = 1.0  # an all-zero block: any scale, code = zero point
+        zp = np.clip(np.round(-lo * np.float32(ratio) / scale), 0, 15)
+        diff = np.clip(np.round(blocks / scale) + zp, 0, 15)
+        diff -= zp
+        diff *= scale
+        diff -= blocks
+        err = np.einsum("ijk,ijk->ij", diff, diff)[..., None]
+        if best_err is None:
+            best_err, best_scale, best_zp = err, scale, zp
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_scale = np.where(better, scale, best_scale)
+            best_zp = np.where(better, zp, best_zp)
+    codes = np.clip(np.round(blocks / best_scale) + best_zp, 0, 15).astype(np.uint8)
+    packed[...] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales[...] = best_scale[..., 0]
+    zps = best_zp[..., 0].astype(np.uint8)
+    if n_blocks % 2:
+        zps = np.pad(zps, ((0, 0), (0, 1)))
+    zero_points[...] = zps[:, 0::2] | (zps[:, 1::2] << 4)
 
 
 def dequantize_weight(q: QuantizedWeight, rows: slice = slice(None)) -> np.ndarray:

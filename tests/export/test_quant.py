@@ -6,6 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto
+from onnxruntime.capi import _pybind_state as ort_c
 
 from minicpmo.export.graph import MS_DOMAIN, GraphBuilder
 from minicpmo.export.quant import dequantize_weight, quantize_weight, relative_error
@@ -29,23 +30,59 @@ def test_chunked_rows_give_identical_bytes():
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_matmulnbits_computes_with_the_dequantized_weight(tmp_path, bits):
+# (K, block): whole blocks; a partial last block (K = 200) and an odd count of blocks (the zero points'
+# last byte half used), at fp32 activations and at int8 activations (accuracy level 4, the CPU default)
+@pytest.mark.parametrize("bits, k, block, level", [(4, 256, 32, 0), (8, 256, 32, 0), (4, 200, 64, 0), (4, 160, 32, 0),
+                                                   (4, 200, 64, 4), (4, 384, 128, 4), (8, 200, 64, 4)])
+def test_matmulnbits_computes_with_the_dequantized_weight(tmp_path, bits, k, block, level):
     rng = np.random.default_rng(2)
-    w = rng.standard_normal((48, 256)).astype(np.float32)
+    w = rng.standard_normal((48, k)).astype(np.float32)
     bias = rng.standard_normal(48).astype(np.float32)
-    q = quantize_weight(w, bits, 32)
+    q = quantize_weight(w, bits, block)
     g = GraphBuilder("t", tmp_path / "m.onnx.data")
-    g.input("x", TensorProto.FLOAT, ["b", 256])
+    g.input("x", TensorProto.FLOAT, ["b", k])
     ins = ["x", g.initializer("w", q.packed), g.initializer("s", q.scales), g.initializer("z", q.zero_points),
            "", g.initializer("bias", bias)]
-    g.node("MatMulNBits", ins, "mm", domain=MS_DOMAIN, outputs=["y"], K=256, N=48, bits=bits, block_size=32,
-           accuracy_level=0)
+    g.node("MatMulNBits", ins, "mm", domain=MS_DOMAIN, outputs=["y"], K=k, N=48, bits=bits, block_size=block,
+           accuracy_level=level)
     g.output("y", TensorProto.FLOAT, ["b", 48])
     g.save(tmp_path / "m.onnx")
-    x = rng.standard_normal((3, 256)).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
     y = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(y, x @ dequantize_weight(q).T + bias, rtol=1e-5, atol=1e-4)
+    expected = x @ dequantize_weight(q).T + bias
+    if level == 0:
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-4)
+    else:  # the activations are rounded to int8 per block: ~1% of a dot product's scale
+        assert np.abs(y - expected).max() < 0.02 * np.abs(expected).max()
+
+
+def test_round_to_nearest_is_onnxruntimes_own():
+    """With the range search off, the 4-bit packing reproduces ONNX Runtime's quantizer: the
+    conventions dequantize_weight and MatMulNBits read are the same."""
+    w = np.random.default_rng(3).standard_normal((40, 320)).astype(np.float32)
+    ours = quantize_weight(w, 4, 64, clip_ratios=(1.0,))
+    packed = np.zeros((40, 5, 32), np.uint8)
+    scales = np.zeros((40, 5), np.float32)
+    zps = np.zeros((40, 3), np.uint8)
+    ort_c.quantize_matmul_4bits(packed, np.ascontiguousarray(w.T), scales, zps, 64, 40, 320, False)
+    np.testing.assert_array_equal(ours.packed, packed)
+    np.testing.assert_allclose(ours.scales, scales.reshape(-1), rtol=1e-6)
+    ours_zp = ours.zero_points.reshape(40, 3)
+    np.testing.assert_array_equal(ours_zp[:, :2], zps[:, :2])  # blocks 0-3
+    np.testing.assert_array_equal(ours_zp[:, 2] & 0x0F, zps[:, 2] & 0x0F)  # block 4; the high nibble is unused
+
+
+@pytest.mark.parametrize("dist", ["normal", "t4"])
+def test_range_search_lowers_the_error(dist):
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((256, 1024)) if dist == "normal" else rng.standard_t(4, (256, 1024))).astype(np.float32)
+    plain = quantize_weight(w, 4, 128, clip_ratios=(1.0,))
+    searched = quantize_weight(w, 4, 128)
+    assert relative_error(w, searched) < 0.97 * relative_error(w, plain)
+    # ratio 1.0 is among the candidates: no block gets worse
+    blocks = w.reshape(256, 8, 128)
+    err = [np.square(dequantize_weight(q).reshape(256, 8, 128) - blocks).sum(-1) for q in (plain, searched)]
+    assert (err[1] <= err[0] * (1 + 1e-6)).all()
 
 
 def test_bad_arguments():
