@@ -21,8 +21,9 @@ class ExportOptions:
     # Decode on a CPU is memory-bound, and ONNX Runtime's kernel (MLAS, accuracy level 4) packs every
     # block as its 4-bit codes plus an fp32 scale and an fp32 block sum: 4.5 bits per weight at 128,
     # llama.cpp Q4_0's bytes, so 128 decodes at least as fast as Q4_0 (1.09x at 7B, in one process,
-    # benchmarks/RESULTS.md section 6). Its reconstruction error is 10.0% against 9.0% at 64 (5 bits
-    # packed, 0.96x Q4_0 in the host's slow state) and Q4_0's 8.6%; 256 is faster still and less exact.
+    # benchmarks/RESULTS.md section 6). Its reconstruction error is 9.5% (with quant.py's range search)
+    # against 8.7% at 64 (5 bits packed, 0.96x Q4_0 in the host's slow state) and Q4_0's 8.6%; 256 is
+    # faster still and less exact.
     block_size: int = 128
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 0 = fp32
     audio: bool = True  # export the audio encoder when the checkpoint has one
