@@ -120,7 +120,8 @@ def interleave(engines: list, proto: Protocol, rounds: int, chunk: int, clock=ti
 
 def summarize(res: dict, proto: Protocol, ratio_to: list[str]) -> dict:
     """Per engine: prefill and decode tok/s (medians) and, against each name in ratio_to, the
-    median and range of the per-cycle decode ratio (ours ÷ that engine, > 1 is faster)."""
+    median and range of the per-cycle decode ratio (that engine's time ÷ this one's: > 1, this one is
+    faster)."""
     out = {}
     for name, pre in res["prefill_s"].items():
         per_tok = [c[name] for c in res["chunks"]]
@@ -152,6 +153,9 @@ def run(ours: list[Path], ortgenai: list[Path], gguf: list[Path], proto: Protoco
                      time.perf_counter() - t0, peak_rss_bytes() / 1e9)
     if len(engines) < 2:
         raise ValueError("interleaving needs at least two engines")
+    names = [e.name for e in engines]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two engines share a name (the folder or file name): {names}")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     res = interleave(engines, proto, rounds, chunk)
     peers = [e.name for e in engines if not isinstance(e, OursEngine)]

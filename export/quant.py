@@ -32,7 +32,7 @@ class QuantizedWeight:
 
 
 # The ranges tried per 4-bit block, as fractions of its [min, max] (both ends scaled, 0 kept inside).
-# More ratios or a finer grid gain < 0.2% of error on Gaussian and t(4) weights at 2.5x the time.
+# A 13-ratio grid down to 0.7 lowers the error by only 0.2-0.3% more (Gaussian, t(4)) at 4-6x the time.
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 CHUNK_ELEMENTS = 1 << 24  # weights per numpy pass (64 MB per fp32 temporary)
 
