@@ -48,22 +48,17 @@ class OursEngine:
 
 class OrtGenaiEngine:
     def __init__(self, model_dir: Path, proto: Protocol):
-        import onnxruntime_genai as og
+        from .peer_ortgenai import open_model
 
-        self.og, self.name = og, f"onnxruntime-genai {model_dir.name}"
-        config = og.Config(str(model_dir))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": proto.threads, "inter_op_num_threads": 1}}}}))
-        self.model = og.Model(config)
-        vocab = json.loads((model_dir / "genai_config.json").read_text())["model"]["vocab_size"]
-        self.ids = prompt_ids(proto.prompt_tokens, vocab)
+        self.name = f"onnxruntime-genai {model_dir.name}"
+        self.model, dec = open_model(model_dir, proto.threads)
+        self.ids = prompt_ids(proto.prompt_tokens, dec["vocab_size"])
         self.total = proto.prompt_tokens + proto.decode_tokens
 
     def prefill(self) -> None:
-        params = self.og.GeneratorParams(self.model)
-        # min_length = max_length masks EOS: every round decodes exactly decode_tokens tokens
-        params.set_search_options(do_sample=False, max_length=self.total, min_length=self.total, batch_size=1)
-        self.gen = self.og.Generator(self.model, params)
+        from .peer_ortgenai import greedy_generator
+
+        self.gen = greedy_generator(self.model, self.total)
         self.gen.append_tokens(self.ids)
         self.gen.generate_next_token()  # picks from the prompt's logits: part of the prefill
 

@@ -43,22 +43,32 @@ def _builder_error(res: dict) -> str:
     return f"exit code {res['returncode']}: {tail[-1] if tail else 'no output'}"
 
 
-def measure(model_dir: Path, proto: Protocol) -> dict:
+def open_model(model_dir: Path, threads: int):
+    """(the model with `threads` intra-op threads, its genai_config's "model" section)."""
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": proto.threads, "inter_op_num_threads": 1}}}}))
-    model = og.Model(config)
-    dec = json.loads((model_dir / "genai_config.json").read_text())["model"]
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    return og.Model(config), json.loads((model_dir / "genai_config.json").read_text())["model"]
+
+
+def greedy_generator(model, total: int):
+    """A Generator that decodes greedily to exactly `total` tokens (min_length = max_length masks EOS)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=total, min_length=total, batch_size=1)
+    return og.Generator(model, params)
+
+
+def measure(model_dir: Path, proto: Protocol) -> dict:
+    model, dec = open_model(model_dir, proto.threads)
     ids = prompt_ids(proto.prompt_tokens, dec["vocab_size"])
     total = proto.prompt_tokens + proto.decode_tokens
 
     def setup():
-        params = og.GeneratorParams(model)
-        # min_length = max_length: EOS is masked, every run decodes exactly decode_tokens tokens
-        params.set_search_options(do_sample=False, max_length=total, min_length=total, batch_size=1)
-        return og.Generator(model, params)
+        return greedy_generator(model, total)
 
     def prefill(gen):
         gen.append_tokens(ids)
