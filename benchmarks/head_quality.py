@@ -63,7 +63,7 @@ def compare(reference: Path, others: list[Path], tokens: int, threads: int) -> l
             r = outs[0]
             top = np.argsort(-r)[:16]
             lr = _softmax_log(r)
-            top64_mass.append(float(np.exp(np.sort(lr)[-RESCORE_CANDIDATES:]).sum()))
+            top64_mass.append(float(np.exp(np.sort(lr)[-RESCORE_CANDIDATES[4]:]).sum()))
             for s, o in zip(stats, outs[1:], strict=True):
                 s["steps"] += 1
                 s["same_argmax"] += int(o.argmax() == r.argmax())

@@ -20,7 +20,7 @@ DECODER_FILES = ("decoder.onnx", "decoder.onnx.data", "embed_tokens.npy")
 
 
 def export(ckpt: Path, out: Path, *, block_size: int = 32, accuracy_level: int = 4,
-           head_precision: str | None = None, timeout_s: float | None = None) -> dict:
+           head_precision: str | None = None, kv_cache: str | None = None, timeout_s: float | None = None) -> dict:
     """`minicpmo export CKPT -o OUT --precision int4 ...` in its own process (no audio)."""
     from .procs import run_child
 
@@ -29,6 +29,8 @@ def export(ckpt: Path, out: Path, *, block_size: int = 32, accuracy_level: int =
            "--accuracy-level", str(accuracy_level), "--no-audio", "--overwrite"]
     if head_precision:
         cmd += ["--lm-head-precision", head_precision]
+    if kv_cache:
+        cmd += ["--kv-cache", kv_cache]
     log.info("running %s", " ".join(cmd))
     res = run_child(cmd, timeout_s=timeout_s, quiet=True)
     res["command"] = " ".join(cmd)

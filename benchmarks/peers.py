@@ -49,6 +49,12 @@ PEERS = {
     # block 256 (session 6): 4.25 bits per weight in MLAS's packed layout against block 32's 6
     "ours-b256-head48": Peer("ours int4 b256 (lm_head int4+int8)", "ours",
                              {"block_size": 256, "head_precision": "int4+int8"}),
+    # ... with the int8 KV cache (session 8): decode attention reads a quarter of the cache's bytes
+    "ours-b256-kv8": Peer("ours int4 b256 (lm_head int4+int8, int8 KV cache)", "ours",
+                          {"block_size": 256, "head_precision": "int4+int8", "kv_cache": "int8"}),
+    # ... and the 2-bit head scan (session 8): the fewest bytes per token of all
+    "ours-b256-kv8-head28": Peer("ours int4 b256 (lm_head int2+int8, int8 KV cache)", "ours",
+                                 {"block_size": 256, "head_precision": "int2+int8", "kv_cache": "int8"}),
     # the speed options together: fewest bytes, most error (both measured in RESULTS.md)
     "ours-b128-head4": Peer("ours int4 b128 (lm_head int4)", "ours", {"block_size": 128, "head_precision": "int4"}),
     "ortgenai": Peer("onnxruntime-genai int4 b32", "ortgenai", {"extra": []}),
@@ -154,7 +160,7 @@ class Runner:
         return self.prepared(key, "ours_export", {
             "ckpt": str(self.ckpt), "out": str(self.work / key), "block_size": o["block_size"],
             "accuracy_level": self.acc_level, "head_precision": o.get("head_precision"),
-            "timeout_s": self.timeout_s})
+            "kv_cache": o.get("kv_cache"), "timeout_s": self.timeout_s})
 
     def _prepare_ortgenai(self, key: str, peer: Peer) -> dict:
         if (done := self.reusable(key)) is not None:  # its source copy may be gone: not needed

@@ -41,7 +41,7 @@ def ours_export(a: dict) -> dict:
 
     out = Path(a["out"])
     res = export(Path(a["ckpt"]), out, block_size=a["block_size"], accuracy_level=a["accuracy_level"],
-                 head_precision=a.get("head_precision"), timeout_s=a.get("timeout_s"))
+                 head_precision=a.get("head_precision"), kv_cache=a.get("kv_cache"), timeout_s=a.get("timeout_s"))
     res["artifact"] = str(out)
     if res["ok"]:
         res["file_bytes"] = files_bytes([out / f for f in DECODER_FILES])

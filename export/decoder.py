@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .graph import MS_DOMAIN, NP_TO_ONNX, GraphBuilder
 from .hf_config import DecoderConfig
 from .ops import ErrorSink, linear, rescored_head, rms_norm, silu_mul, skip_rms_norm
-from .options import ExportOptions
+from .options import RESCORED_HEADS, ExportOptions
 
 ReadWeight = Callable[[str], np.ndarray]  # name -> float32 array (upstream key names)
 P = "llm.model.layers.{i}."
@@ -186,9 +186,10 @@ def build_decoder_graph(g: GraphBuilder, cfg: DecoderConfig, read: ReadWeight, o
     # on the CPU, and a node computing them would run there too, which a CUDA graph does not allow.
     last_pos = g.op("Slice", [n, IO.logits_start, g.const([2**62]), g.const([1])], "/model/last_positions/Slice")
     head_name = "llm.model.embed_tokens.weight" if cfg.tie_word_embeddings else "llm.lm_head.weight"
-    if opts.head_precision == "int4+int8":
-        logits = rescored_head(g, "/lm_head", last_pos, read(head_name), block_size=opts.block_size,
-                               accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
+    if opts.head_precision in RESCORED_HEADS:
+        logits = rescored_head(g, "/lm_head", last_pos, read(head_name), scan_bits=RESCORED_HEADS[opts.head_precision],
+                               block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error,
+                               dtype=dt)
     else:
         logits = linear(g, "/lm_head", last_pos, read(head_name), None, precision=opts.head_precision,
                         block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)

@@ -37,7 +37,7 @@ def linear(g: GraphBuilder, name: str, x: str, weight: np.ndarray, bias: np.ndar
         if bias is not None:
             y = g.op("Add", [y, g.initializer(f"{name}/bias", bias.astype(dtype))], f"{name}/Add")
         return y
-    bits = {"int4": 4, "int8": 8}[precision]
+    bits = {"int2": 2, "int4": 4, "int8": 8}[precision]
     q = quantize_weight(weight, bits, block_size)
     if dtype != np.float32:
         q.scales = q.scales.astype(dtype)  # what the graph stores, so the error below is the real one
@@ -53,35 +53,50 @@ def linear(g: GraphBuilder, name: str, x: str, weight: np.ndarray, bias: np.ndar
                 K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
 
 
-# How many of the coarse (int4) head's best tokens get their logits recomputed from int8 weights. The
+# How many of the scan's best tokens get their logits recomputed from int8 weights, per scan width. The
 # int8 head's best token sits far inside the int4 top 64 (int4 moves a logit by ~0.1 of the logits'
 # spread, while rank 1 and rank 64 of a 150k vocabulary lie ~1 spread apart), and rescoring 64 rows
-# costs ~0.5 ms of a 7B step (TopK, Gather, DequantizeLinear; measured). Sampling with top_k <= 64, or
-# a top_p nucleus inside them, sees int8-accurate logits only.
-RESCORE_CANDIDATES = 64
+# costs ~0.5 ms of a 7B step (TopK, Gather, DequantizeLinear; measured). A 2-bit scan moves a logit ~4x
+# as far: on the synthetic 1.5B checkpoint (flat, random-weight logits) its top 64 held the fp32 head's
+# argmax 96.1% of the time, its top 128 98.0% (the int4 scan's top 64: 98.4%), its top 256 98.4%, at
+# +0.4 ms per doubling at 7B. Sampling with top_k <= 64 (128), or a top_p nucleus inside them, sees
+# int8-accurate logits only.
+RESCORE_CANDIDATES = {4: 64, 2: 128}
 
 
-def rescored_head(g: GraphBuilder, name: str, x: str, weight: np.ndarray, *, candidates: int = RESCORE_CANDIDATES,
-                  block_size: int = 64, accuracy_level: int = 4, on_error: ErrorSink | None = None,
-                  dtype=np.float32) -> str:
-    """The vocabulary head as an int4 scan plus int8 rescoring: logits = int4 logits, except the top
-    `candidates` of them, recomputed with int8 weights and unquantized activations.
+# The 2-bit scan's block: ONNX Runtime's 2-bit MatMulNBits kernel (accuracy level 4) packs 2.5 bits per
+# weight at 128 and streams them as fast as the 4-bit one, while at 256 it falls back to a path ~150x
+# slower (ORT 1.32, measured). So a 2-bit scan always uses 128, whatever the layers' block size.
+SCAN2_BLOCK = 128
+
+
+def rescored_head(g: GraphBuilder, name: str, x: str, weight: np.ndarray, *, candidates: int | None = None,
+                  scan_bits: int = 4, block_size: int = 64, accuracy_level: int = 4,
+                  on_error: ErrorSink | None = None, dtype=np.float32) -> str:
+    """The vocabulary head as an int4 (or int2) scan plus int8 rescoring: logits = the scan's logits,
+    except the top `candidates` of them, recomputed with int8 weights and unquantized activations.
 
     Why: decoding reads every head weight once per token. An int8 head is 13% of a 7B step's bytes (25%
     at 1.5B); an int4 one reads half of that but is ~10% off per weight. Rescoring gives the tokens that
-    can win int8 accuracy again, and reads 64 rows. The int8 tables are `resident` initializers: the
-    runtime loads them into memory itself, as ONNX Runtime would memory-map them and fault rows in from
-    disk mid-decode (the Gather at 7B: 11 ms per step on a cold page cache, 0.9 ms warm, 0.3 ms resident).
+    can win int8 accuracy again, and reads 64 rows. A 2-bit scan (SCAN2_BLOCK) reads 2.5 bits per weight
+    against the int4 scan's 4.25-5 and is ~37% off per weight: it only has to rank the winner among its
+    128 best, but the tail's logits (what sampling sees outside them) are that coarse. The int8 tables
+    are `resident` initializers: the runtime loads them into memory itself, as ONNX Runtime would
+    memory-map them and fault rows in from disk mid-decode (the Gather at 7B: 11 ms per step on a cold
+    page cache, 0.9 ms warm, 0.3 ms resident).
 
-        x ─ MatMulNBits(int4) ─ coarse ─ TopK ─ idx ─ Gather(int8 rows, scales, zero points)
+        x ─ MatMulNBits(int4|2) ─ coarse ─ TopK ─ idx ─ Gather(int8 rows, scales, zero points)
         │                          │                      DequantizeLinear(blocked) ─ w [R, k, K]
         └───────────────────────── │ ────────────────────── MatMul(x, wᵀ) ─ refined [1, R, k]
                                    └─ ScatterElements(coarse, idx, refined) ─ logits
     """
+    if scan_bits not in RESCORE_CANDIDATES:
+        raise ValueError(f"the scan is int4 or int2, got {scan_bits} bits")
     n, k = weight.shape
-    candidates = min(candidates, n)
+    candidates = min(candidates or RESCORE_CANDIDATES[scan_bits], n)
     dtype = np.dtype(dtype)
-    coarse = linear(g, name, x, weight, None, precision="int4", block_size=block_size,
+    coarse = linear(g, name, x, weight, None, precision=f"int{scan_bits}",
+                    block_size=block_size if scan_bits == 4 else SCAN2_BLOCK,
                     accuracy_level=accuracy_level, on_error=on_error, dtype=dtype)
     q = quantize_weight(weight, 8, block_size)
     n_blocks = q.packed.shape[1]

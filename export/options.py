@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PRECISIONS = ("int4", "int8", "fp32")
-# "int4+int8": an int4 head whose best candidates are rescored with int8 weights (ops.rescored_head)
-HEAD_PRECISIONS = (*PRECISIONS, "int4+int8")
+# "int4+int8": an int4 head whose best candidates are rescored with int8 weights (ops.rescored_head);
+# "int2+int8": the same with a 2-bit scan (fewer bytes per token, a coarser choice of candidates)
+RESCORED_HEADS = {"int4+int8": 4, "int2+int8": 2}  # the scan's bits
+HEAD_PRECISIONS = (*PRECISIONS, *RESCORED_HEADS)
 VISION_PRECISIONS = ("fp32", "fp16", "int8")
 DECODER_DTYPES = ("fp32", "fp16")
 BLOCK_SIZES = (16, 32, 64, 128, 256)

@@ -1,11 +1,12 @@
 """Block-wise weight quantization into the layout of ONNX Runtime's `MatMulNBits`.
 
 8-bit weights are packed by ONNX Runtime's own C++ routine (`quantize_matmul_8bits`, the one its
-MatMulNBitsQuantizer calls). 4-bit weights are quantized here, in numpy, because that routine is plain
-round-to-nearest over each block's full [min, max]: for 4 bits, one outlier then coarsens the grid of
-the whole block. We try a few narrower ranges per block and keep the one with the smallest squared
-error (the search llama.cpp's k-quants and AWQ's clipping also make), which lowers the relative error
-by ~5% at the default block 128 for no runtime cost. Either way one weight is quantized at a time, so
+MatMulNBitsQuantizer calls). 4-bit weights (and the 2-bit ones of the int2+int8 head's scan) are
+quantized here, in numpy, because ORT's routines for them are plain round-to-nearest over each block's
+full [min, max]: one outlier then coarsens the grid of the whole block. We try a few narrower ranges
+per block and keep the one with the smallest squared error (the search llama.cpp's k-quants and AWQ's
+clipping also make), which lowers the relative error by ~5% at the default block 128 for no runtime
+cost (~25% at 2 bits). Either way one weight is quantized at a time, so
 an 8B model never has to exist as an fp32 ONNX graph. Dequantization is written out in numpy for tests
 and error reports.
 """
@@ -31,23 +32,26 @@ class QuantizedWeight:
     k: int
 
 
-# The ranges tried per 4-bit block, as fractions of its [min, max] (both ends scaled, 0 kept inside).
-# A 13-ratio grid down to 0.7 lowers the error by only 0.2-0.3% more (Gaussian, t(4)) at 4-6x the time.
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
+# The ranges tried per block, as fractions of its [min, max] (both ends scaled, 0 kept inside), per bit
+# width. 4 bits: a 13-ratio grid down to 0.7 lowers the error by only 0.2-0.3% more (Gaussian, t(4)) at
+# 4-6x the time. 2 bits (4 levels) clip much harder: at block 128 on Gaussian rows the error is 0.50
+# unclipped, 0.41 with the 4-bit grid, 0.37 with this one, and a finer grid down to 0.4 gains nothing.
+CLIP_RATIOS = {4: (1.0, 0.95, 0.9, 0.85, 0.8), 2: (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)}
 CHUNK_ELEMENTS = 1 << 24  # weights per numpy pass (64 MB per fp32 temporary)
 
 
 def quantize_weight(weight: np.ndarray, bits: int, block_size: int, rows_per_chunk: int = 8192,
-                    clip_ratios: tuple[float, ...] = CLIP_RATIOS) -> QuantizedWeight:
+                    clip_ratios: tuple[float, ...] | None = None) -> QuantizedWeight:
     """Asymmetric block quantization of W[N, K] along K (with zero points).
 
-    4 bits: per block, the range among `clip_ratios` x [min, max] with the smallest squared error
-    (`clip_ratios=(1.0,)` is plain round-to-nearest, ORT's default algorithm). 8 bits: ORT's routine.
+    2 and 4 bits: per block, the range among `clip_ratios` (default CLIP_RATIOS[bits]) x [min, max] with
+    the smallest squared error (`clip_ratios=(1.0,)` is plain round-to-nearest, ORT's default algorithm).
+    8 bits: ORT's routine.
     Blocks run along K, so rows are independent and are quantized a chunk at a time (the 151700-row
     lm_head would need 2.2 GB at once).
     """
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
     n, k = weight.shape
@@ -56,14 +60,14 @@ def quantize_weight(weight: np.ndarray, bits: int, block_size: int, rows_per_chu
     packed = np.zeros((n, n_blocks, block_size * bits // 8), dtype=np.uint8)
     scales = np.zeros((n, n_blocks), dtype=np.float32)
     zero_points = np.zeros((n, zp_cols), dtype=np.uint8)
-    if bits == 4:
+    if bits < 8:
         rows_per_chunk = max(1, min(rows_per_chunk, CHUNK_ELEMENTS // (n_blocks * block_size)))
     for start in range(0, n, rows_per_chunk):
         stop = min(start + rows_per_chunk, n)
         p, sc, zp = packed[start:stop], scales[start:stop], zero_points[start:stop]
-        if bits == 4:
-            _quantize_4bit_blocks(np.asarray(weight[start:stop], dtype=np.float32), block_size, clip_ratios,
-                                  p, sc, zp)
+        if bits < 8:
+            _quantize_low_bit_blocks(np.asarray(weight[start:stop], dtype=np.float32), bits, block_size,
+                                     clip_ratios or CLIP_RATIOS[bits], p, sc, zp)
         else:
             # ORT's routine takes the MatMul B matrix [K, N] (x @ B), i.e. W transposed, in fp32.
             b = np.ascontiguousarray(weight[start:stop].T, dtype=np.float32)
@@ -71,14 +75,33 @@ def quantize_weight(weight: np.ndarray, bits: int, block_size: int, rows_per_chu
     return QuantizedWeight(packed, scales.reshape(-1), zero_points.reshape(-1), bits, block_size, n, k)
 
 
-def _quantize_4bit_blocks(w: np.ndarray, block_size: int, clip_ratios: tuple[float, ...], packed: np.ndarray,
-                          scales: np.ndarray, zero_points: np.ndarray) -> None:
-    """Rows w[n, K] into packed [n, n_blocks, block_size / 2], scales [n, n_blocks] and the zero points'
-    bytes [n, ceil(n_blocks / 2)], with ORT's conventions (those of dequantize_weight): value =
-    (code - zero point) x scale; two codes per byte, the first in the low nibble; zero points likewise,
-    along blocks. A partial last block is padded with zeros, whose code is the zero point."""
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [..., m] (m a multiple of 8 / bits) into bytes, the first code in the lowest bits."""
+    per = 8 // bits
+    out = codes[..., 0::per].copy()
+    for j in range(1, per):
+        out |= codes[..., j::per] << (bits * j)
+    return out
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of _pack: bytes [..., m] into codes [..., m * 8 / bits]."""
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * j)) & mask for j in range(8 // bits)]
+    return np.stack(parts, axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def _quantize_low_bit_blocks(w: np.ndarray, bits: int, block_size: int, clip_ratios: tuple[float, ...],
+                             packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray) -> None:
+    """Rows w[n, K] into packed [n, n_blocks, block_size * bits / 8], scales [n, n_blocks] and the zero
+    points' bytes [n, ceil(n_blocks * bits / 8)], with ORT's conventions (those of dequantize_weight):
+    value = (code - zero point) x scale; 8 / bits codes per byte, the first in the lowest bits; zero
+    points likewise, along blocks. A partial last block is padded with zeros, whose code is the zero
+    point."""
     n, k = w.shape
     n_blocks = packed.shape[1]
+    levels = (1 << bits) - 1
+    top = np.float32(levels)
     if k != n_blocks * block_size:
         w = np.pad(w, ((0, 0), (0, n_blocks * block_size - k)))
     blocks = w.reshape(n, n_blocks, block_size)
@@ -86,10 +109,10 @@ def _quantize_4bit_blocks(w: np.ndarray, block_size: int, clip_ratios: tuple[flo
     hi = np.maximum(blocks.max(axis=-1, keepdims=True), 0)
     best_err = best_scale = best_zp = None
     for ratio in clip_ratios:
-        scale = (hi - lo) * np.float32(ratio / 15)
+        scale = (hi - lo) * np.float32(ratio / levels)
         scale[scale == 0] = 1.0  # an all-zero block: any scale, code = zero point
-        zp = np.clip(np.round(-lo * np.float32(ratio) / scale), 0, 15)
-        diff = np.clip(np.round(blocks / scale) + zp, 0, 15)
+        zp = np.clip(np.round(-lo * np.float32(ratio) / scale), 0, top)
+        diff = np.clip(np.round(blocks / scale) + zp, 0, top)
         diff -= zp
         diff *= scale
         diff -= blocks
@@ -101,13 +124,14 @@ def _quantize_4bit_blocks(w: np.ndarray, block_size: int, clip_ratios: tuple[flo
             best_err = np.where(better, err, best_err)
             best_scale = np.where(better, scale, best_scale)
             best_zp = np.where(better, zp, best_zp)
-    codes = np.clip(np.round(blocks / best_scale) + best_zp, 0, 15).astype(np.uint8)
-    packed[...] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    codes = np.clip(np.round(blocks / best_scale) + best_zp, 0, top).astype(np.uint8)
+    packed[...] = _pack(codes, bits)
     scales[...] = best_scale[..., 0]
     zps = best_zp[..., 0].astype(np.uint8)
-    if n_blocks % 2:
-        zps = np.pad(zps, ((0, 0), (0, 1)))
-    zero_points[...] = zps[:, 0::2] | (zps[:, 1::2] << 4)
+    per = 8 // bits
+    if n_blocks % per:
+        zps = np.pad(zps, ((0, 0), (0, per - n_blocks % per)))
+    zero_points[...] = _pack(zps, bits)
 
 
 def dequantize_weight(q: QuantizedWeight, rows: slice = slice(None)) -> np.ndarray:
@@ -115,11 +139,11 @@ def dequantize_weight(q: QuantizedWeight, rows: slice = slice(None)) -> np.ndarr
     packed = q.packed[rows]
     n, n_blocks = packed.shape[0], packed.shape[1]
     zp_bytes = q.zero_points.reshape(q.n, -1)[rows]
-    if q.bits == 4:
-        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, n_blocks, q.block_size)
-        zps = np.stack([zp_bytes & 0x0F, zp_bytes >> 4], axis=-1).reshape(n, -1)[:, :n_blocks]
+    if q.bits < 8:
+        codes = _unpack(packed, q.bits)
+        zps = _unpack(zp_bytes, q.bits)[:, :n_blocks]
     else:
-        codes = packed.reshape(n, n_blocks, q.block_size)
+        codes = packed
         zps = zp_bytes[:, :n_blocks]
     scales = q.scales.reshape(q.n, n_blocks)[rows]
     w = (codes.astype(np.float32) - zps[..., None].astype(np.float32)) * scales[..., None]

@@ -13,7 +13,7 @@ from minicpmo.export.quant import dequantize_weight, quantize_weight, relative_e
 
 
 @pytest.mark.parametrize("bits, block, bound", [(4, 32, 0.09), (4, 128, 0.11), (4, 256, 0.12), (8, 32, 0.006),
-                                               (8, 64, 0.007)])
+                                               (8, 64, 0.007), (2, 64, 0.37), (2, 128, 0.40)])
 def test_reconstruction_error_is_bounded(bits, block, bound):
     w = np.random.default_rng(0).standard_normal((64, 320)).astype(np.float32)
     q = quantize_weight(w, bits, block)
@@ -24,7 +24,7 @@ def test_reconstruction_error_is_bounded(bits, block, bound):
 
 def test_chunked_rows_give_identical_bytes():
     w = np.random.default_rng(1).standard_normal((1000, 96)).astype(np.float32)
-    for bits in (4, 8):
+    for bits in (2, 4, 8):
         a, b = quantize_weight(w, bits, 32), quantize_weight(w, bits, 32, rows_per_chunk=77)
         for field in ("packed", "scales", "zero_points"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
@@ -32,8 +32,11 @@ def test_chunked_rows_give_identical_bytes():
 
 # (K, block): whole blocks; a partial last block (K = 200) and an odd count of blocks (the zero points'
 # last byte half used), at fp32 activations and at int8 activations (accuracy level 4, the CPU default)
+# 2 bits: four codes per byte, and zero points over 5 blocks fill one byte and a quarter of the next
 @pytest.mark.parametrize("bits, k, block, level", [(4, 256, 32, 0), (8, 256, 32, 0), (4, 200, 64, 0), (4, 160, 32, 0),
-                                                   (4, 200, 64, 4), (4, 384, 128, 4), (8, 200, 64, 4)])
+                                                   (4, 200, 64, 4), (4, 384, 128, 4), (8, 200, 64, 4),
+                                                   (2, 256, 64, 0), (2, 320, 64, 0), (2, 200, 128, 0),
+                                                   (2, 384, 128, 4), (2, 576, 128, 4)])
 def test_matmulnbits_computes_with_the_dequantized_weight(tmp_path, bits, k, block, level):
     rng = np.random.default_rng(2)
     w = rng.standard_normal((48, k)).astype(np.float32)
@@ -72,13 +75,28 @@ def test_round_to_nearest_is_onnxruntimes_own():
     np.testing.assert_array_equal(ours_zp[:, 2] & 0x0F, zps[:, 2] & 0x0F)  # block 4; the high nibble is unused
 
 
+def test_two_bit_round_to_nearest_is_onnxruntimes_own():
+    w = np.random.default_rng(5).standard_normal((40, 320)).astype(np.float32)
+    ours = quantize_weight(w, 2, 64, clip_ratios=(1.0,))
+    packed = np.zeros((40, 5, 16), np.uint8)
+    scales = np.zeros((40, 5), np.float32)
+    zps = np.zeros((40, 2), np.uint8)
+    ort_c.quantize_matmul_2bits(packed, np.ascontiguousarray(w.T), scales, zps, 64, 40, 320, False)
+    np.testing.assert_array_equal(ours.packed, packed)
+    np.testing.assert_allclose(ours.scales, scales.reshape(-1), rtol=1e-6)
+    ours_zp = ours.zero_points.reshape(40, 2)
+    np.testing.assert_array_equal(ours_zp[:, 0], zps[:, 0])  # blocks 0-3
+    np.testing.assert_array_equal(ours_zp[:, 1] & 0x03, zps[:, 1] & 0x03)  # block 4; the rest is unused
+
+
+@pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dist", ["normal", "t4"])
-def test_range_search_lowers_the_error(dist):
+def test_range_search_lowers_the_error(dist, bits):
     rng = np.random.default_rng(4)
     w = (rng.standard_normal((256, 1024)) if dist == "normal" else rng.standard_t(4, (256, 1024))).astype(np.float32)
-    plain = quantize_weight(w, 4, 128, clip_ratios=(1.0,))
-    searched = quantize_weight(w, 4, 128)
-    assert relative_error(w, searched) < 0.97 * relative_error(w, plain)
+    plain = quantize_weight(w, bits, 128, clip_ratios=(1.0,))
+    searched = quantize_weight(w, bits, 128)
+    assert relative_error(w, searched) < (0.97 if bits == 4 else 0.85) * relative_error(w, plain)
     # ratio 1.0 is among the candidates: no block gets worse
     blocks = w.reshape(256, 8, 128)
     err = [np.square(dequantize_weight(q).reshape(256, 8, 128) - blocks).sum(-1) for q in (plain, searched)]

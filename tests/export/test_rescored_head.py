@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from minicpmo.export.graph import GraphBuilder
-from minicpmo.export.ops import rescored_head
+from minicpmo.export.ops import RESCORE_CANDIDATES, SCAN2_BLOCK, rescored_head
 from minicpmo.export.options import ExportOptions
 from minicpmo.export.quant import dequantize_weight, quantize_weight
 from minicpmo.runtime.errors import BundleError
@@ -22,12 +22,12 @@ from minicpmo.runtime.sessions import load_resident_initializers
 from minicpmo.runtime.types import GenerationParams
 
 
-def _head_session(tmp_path, w: np.ndarray, candidates: int, block: int) -> ort.InferenceSession:
+def _head_session(tmp_path, w: np.ndarray, candidates: int, block: int, scan_bits: int = 4) -> ort.InferenceSession:
     g = GraphBuilder("t", tmp_path / "m.onnx.data")
     g.input("x", TensorProto.FLOAT, ["b", 1, w.shape[1]])
     errors = {}
-    y = rescored_head(g, "/lm_head", "x", w, candidates=candidates, block_size=block, accuracy_level=0,
-                      on_error=errors.__setitem__)
+    y = rescored_head(g, "/lm_head", "x", w, candidates=candidates, scan_bits=scan_bits, block_size=block,
+                      accuracy_level=0, on_error=errors.__setitem__)
     g.op("Identity", [y], "out", outputs=["logits"])
     g.output("logits", TensorProto.FLOAT, ["b", 1, w.shape[0]])
     g.save(tmp_path / "m.onnx")
@@ -36,13 +36,14 @@ def _head_session(tmp_path, w: np.ndarray, candidates: int, block: int) -> ort.I
     return ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("k, block", [(256, 64), (96, 64), (200, 32)])  # 96, 200: a partial last block
-def test_top_candidates_get_int8_logits_the_rest_int4(tmp_path, k, block):
+# 96, 200: a partial last block; the 2-bit scan has its own block (SCAN2_BLOCK), the int8 rows the given one
+@pytest.mark.parametrize("k, block, scan_bits", [(256, 64, 4), (96, 64, 4), (200, 32, 4), (256, 64, 2), (200, 32, 2)])
+def test_top_candidates_get_int8_logits_the_rest_the_scans(tmp_path, k, block, scan_bits):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((3000, k)).astype(np.float32)
     candidates = 16
-    sess = _head_session(tmp_path, w, candidates, block)
-    w4 = dequantize_weight(quantize_weight(w, 4, block))
+    sess = _head_session(tmp_path, w, candidates, block, scan_bits)
+    w4 = dequantize_weight(quantize_weight(w, scan_bits, block if scan_bits == 4 else SCAN2_BLOCK))
     w8 = dequantize_weight(quantize_weight(w, 8, block))
     x = rng.standard_normal((3, 1, k)).astype(np.float32)  # a batch of 3: rows are rescored per item
     y = sess.run(None, {"x": x})[0]
@@ -91,12 +92,12 @@ def test_greedy_pick_is_the_int8_heads(tmp_path):
 
 @pytest.fixture(scope="module")
 def exact_bundles(tmp_path_factory, tiny_checkpoint):
-    """int4 layers with an int8 head and with the int4+int8 head, fp32 activations (accuracy level 0),
-    so both heads' int8 logits are the same numbers."""
+    """int4 layers with an int8 head, the int4+int8 and the int2+int8 head, fp32 activations (accuracy
+    level 0), so the heads' int8 logits are the same numbers."""
     from minicpmo.export.bundle import export_bundle
 
     out = {}
-    for head in ("int8", "int4+int8"):
+    for head in ("int8", "int4+int8", "int2+int8"):
         path = tmp_path_factory.mktemp("bundles") / f"tiny-head-{head.replace('+', '-')}"
         out[head] = export_bundle(tiny_checkpoint, path, ExportOptions(lm_head_precision=head, accuracy_level=0),
                                   progress=lambda *a: None)
@@ -107,7 +108,8 @@ def test_bundle_matches_the_int8_head(exact_bundles):
     manifest = json.loads((exact_bundles["int4+int8"] / "manifest.json").read_text())
     assert manifest["options"]["lm_head_precision"] == "int4+int8"
     assert {"/lm_head", "/lm_head/rescore"} <= set(manifest["quantization"]["per_tensor"])
-    pipes = {h: Pipeline.load(p, provider="cpu", context_length=256) for h, p in exact_bundles.items()}
+    pipes = {h: Pipeline.load(p, provider="cpu", context_length=256) for h, p in exact_bundles.items()
+             if h != "int2+int8"}
     messages = [{"role": "user", "content": "Name three rivers of Europe and one of Asia."}]
     l8, l48 = (pipes[h].prompt_logits(messages, cache_prompt=False)[0] for h in ("int8", "int4+int8"))
     top = np.argsort(-l8)[:16]  # the int8 head's best tokens were rescored: the same logits
@@ -116,6 +118,33 @@ def test_bundle_matches_the_int8_head(exact_bundles):
     params = GenerationParams(max_tokens=16, temperature=0.0)
     ids = [[t for c in pipes[h].generate(messages, params) for t in c.token_ids] for h in ("int8", "int4+int8")]
     assert len(ids[0]) == 16 and ids[0] == ids[1]
+
+
+def test_two_bit_scan_bundle(exact_bundles):
+    """int2+int8: a 2-bit MatMulNBits scan at SCAN2_BLOCK whose 128 best are rescored from the same
+    int8 rows as int4+int8's, and the bundle generates."""
+    bundle = exact_bundles["int2+int8"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["options"]["lm_head_precision"] == "int2+int8"
+    errors = manifest["quantization"]["per_tensor"]
+    four = json.loads((exact_bundles["int4+int8"] / "manifest.json").read_text())["quantization"]["per_tensor"]
+    assert errors["/lm_head"] > 2 * four["/lm_head"] and errors["/lm_head/rescore"] == four["/lm_head/rescore"]
+    model = onnx.load(bundle / "decoder.onnx", load_external_data=False)
+    scan = next(n for n in model.graph.node if n.name == "/lm_head/MatMulNBits")
+    attrs = {a.name: a.i for a in scan.attribute}
+    assert attrs["bits"] == 2 and attrs["block_size"] == SCAN2_BLOCK
+    topk = next(n for n in model.graph.node if n.op_type == "TopK")
+    k = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == topk.input[1])
+    assert int(k[0]) == RESCORE_CANDIDATES[2]
+    pipes = [Pipeline.load(exact_bundles[h], provider="cpu", context_length=128) for h in ("int8", "int2+int8")]
+    messages = [{"role": "user", "content": "Name three rivers of Europe and one of Asia."}]
+    l8, l28 = (p.prompt_logits(messages, cache_prompt=False)[0] for p in pipes)
+    # The int8 head's best tokens are among the scan's 128 and get int8 logits again. Not all of its top 8
+    # here: the 2-bit scan put the 8th 3.2 below its int8 logit (a 256-wide dot product of 2-bit weights),
+    # out of its 128 best; that is the tail's coarseness the option trades for bytes.
+    top = np.argsort(-l8)[:4]
+    np.testing.assert_allclose(l28[top], l8[top], rtol=1e-4, atol=1e-4)
+    assert np.abs(l28 - l8).max() > 10 * np.abs(l28[top] - l8[top]).max()  # the tail is the 2-bit scan's
 
 
 def test_default_head_per_precision_and_dtype():
