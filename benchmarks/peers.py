@@ -65,8 +65,8 @@ PEERS = {
     "torch-fp32": Peer("PyTorch eager fp32", "torch", {"dtype": "fp32"}),
     "torch-bf16": Peer("PyTorch eager bf16", "torch", {"dtype": "bf16"}),
 }
-DEFAULT_PEERS = ("ours-b128-head48", "ours-b64-head48", "ours-b256-head48", "ortgenai", "ortgenai-prune",
-                 "llamacpp-q4_0", "llamacpp-q4_k_m", "torch-fp32", "torch-bf16")
+DEFAULT_PEERS = ("ours-b128-head48", "ours-b64-head48", "ours-b256-head48", "ours-b256-kv8-head28", "ortgenai",
+                 "ortgenai-prune", "llamacpp-q4_0", "llamacpp-q4_k_m", "torch-fp32", "torch-bf16")
 # Peak memory of a preparation or run in bytes per LLM parameter, and at least MEMORY_FLOOR bytes
 # (ortgenai: its builder with the streaming int4 pass of benchmarks/ortgenai_build.py, measured at
 # 13.3 GB for 7.61e9 parameters and 7.3 GB for 1.78e9); a step whose estimate exceeds the memory

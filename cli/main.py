@@ -74,8 +74,8 @@ def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path |
 @click.option("--precision", type=click.Choice(["int4", "int8", "fp32"]), default="int4", show_default=True)
 @click.option("--lm-head-precision", type=click.Choice(list(HEAD_PRECISIONS)),
               help="int4+int8: an int4 head whose 64 best tokens are rescored with int8 weights (half an "
-                   "int8 head's bytes per token); int2+int8: the same with a 2-bit scan (~40% fewer head bytes "
-                   "per token, coarser logits outside the 64). Default: int4+int8 under int4 (int8 with "
+                   "int8 head's bytes per token); int2+int8: a 2-bit scan, its 128 best rescored (~40% fewer "
+                   "head bytes per token, coarser logits outside them). Default: int4+int8 under int4 (int8 with "
                    "--decoder-dtype fp16), else the same as --precision.")
 @click.option("--vision-precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
 @click.option("--block-size", type=click.Choice(["32", "64", "128", "256"]), show_default=True,

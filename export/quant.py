@@ -6,9 +6,8 @@ quantized here, in numpy, because ORT's routines for them are plain round-to-nea
 full [min, max]: one outlier then coarsens the grid of the whole block. We try a few narrower ranges
 per block and keep the one with the smallest squared error (the search llama.cpp's k-quants and AWQ's
 clipping also make), which lowers the relative error by ~5% at the default block 128 for no runtime
-cost (~25% at 2 bits). Either way one weight is quantized at a time, so
-an 8B model never has to exist as an fp32 ONNX graph. Dequantization is written out in numpy for tests
-and error reports.
+cost (~25% at 2 bits). Either way one weight is quantized at a time, so an 8B model never has to
+exist as an fp32 ONNX graph. Dequantization is written out in numpy for tests and error reports.
 """
 
 from __future__ import annotations
