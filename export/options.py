@@ -55,6 +55,9 @@ class ExportOptions:
         if self.kv_cache == "int8" and self.decoder_dtype != "fp32":
             raise ValueError("an int8 KV cache needs the fp32 decoder (ONNX Runtime's int8 cache is a CPU "
                              "GroupQueryAttention feature; the fp16 decoder is the GPU variant)")
+        if self.lm_head_precision == "int2+int8" and self.decoder_dtype != "fp32":
+            raise ValueError("the int2+int8 head is for the CPU (fp32) decoder: its 2-bit scan is an MLAS kernel, "
+                             "and a GPU step is not bound by the head's bytes")
         if self.kv_calibration_text is not None and self.kv_cache != "int8":
             raise ValueError("a KV calibration text is only used with an int8 KV cache (--kv-cache int8)")
         if not 0 <= self.accuracy_level <= 4:

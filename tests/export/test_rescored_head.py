@@ -155,6 +155,9 @@ def test_default_head_per_precision_and_dtype():
     assert ExportOptions(lm_head_precision="int4").head_precision == "int4"
     with pytest.raises(ValueError, match="lm_head precision"):
         ExportOptions(lm_head_precision="int3")
+    assert ExportOptions(lm_head_precision="int2+int8").head_precision == "int2+int8"
+    with pytest.raises(ValueError, match="CPU"):
+        ExportOptions(lm_head_precision="int2+int8", decoder_dtype="fp16")
 
 
 def test_rescore_tables_are_loaded_by_the_runtime(exact_bundles, tmp_path):
