@@ -202,7 +202,9 @@ def test_multi_position_logits_match_single_steps(fp32_pipe, int4_pipe):
 
 def _oracle_run(pipe, monkeypatch, max_tokens=40):
     """The plain reply, then a reply drafted by an oracle that knows the plain reply but gets every
-    third draft token wrong (so drafts are both kept and dropped)."""
+    third draft token wrong (so drafts are both kept and dropped). Stop ids are off, so both replies run
+    `max_tokens` long whatever the weights."""
+    monkeypatch.setattr(pipe, "stop_ids", set())
     pipe.kv.reset()
     plain = list(pipe.generate(MESSAGES, GenerationParams(max_tokens=max_tokens, cache_prompt=False)))
     reply = [t for c in plain for t in c.token_ids]
