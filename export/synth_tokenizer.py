@@ -90,12 +90,15 @@ def learn_merges(text: str, num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def make_tokenizer() -> tuple[Tokenizer, dict[str, int], list[tuple[str, str]]]:
-    """(tokenizer, base vocab, merges), built in memory."""
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
-    merges = learn_merges(CORPUS, NUM_MERGES)
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
+def make_tokenizer(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None
+                   ) -> tuple[Tokenizer, dict[str, int], list[tuple[str, str]]]:
+    """(tokenizer, base vocab, merges), built in memory. Given a base BPE vocabulary and its merges
+    (e.g. Qwen2.5's, read from a GGUF), the MiniCPM-o tokenizer over them; else the small stand-in."""
+    if vocab is None or merges is None:
+        vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+        merges = learn_merges(CORPUS, NUM_MERGES)
+        for a, b in merges:
+            vocab.setdefault(a + b, len(vocab))
     tok = Tokenizer(models.BPE(vocab=dict(vocab), merges=list(merges), fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = _pre_tokenizer()
@@ -116,12 +119,14 @@ def _match_upstream_json(tok: Tokenizer) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(spec))
 
 
-def build_tokenizer(out_dir: str | Path) -> int:
+def build_tokenizer(out_dir: str | Path, vocab: dict[str, int] | None = None,
+                    merges: list[tuple[str, str]] | None = None) -> int:
     """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json, added_tokens.json,
-    vocab.json and merges.txt into out_dir; return the vocabulary size (added tokens included)."""
+    vocab.json and merges.txt into out_dir; return the vocabulary size (added tokens included).
+    vocab, merges: a base BPE to build on (make_tokenizer); None for the small stand-in."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok, vocab, merges = make_tokenizer()
+    tok, vocab, merges = make_tokenizer(vocab, merges)
     tok.save(str(out / "tokenizer.json"))
     added = {content: tok.token_to_id(content) for content, _ in upstream_tokenizer_metadata()["added_tokens"]}
     _write_json(out / "tokenizer_config.json", _tokenizer_config(added))

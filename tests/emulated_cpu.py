@@ -44,10 +44,9 @@ def outputs(bundle: Path) -> dict[str, np.ndarray]:
     """Vision embeddings of one picture, audio embeddings of one tone, the first-token logits of a text
     prompt and of an image prompt, and a greedy reply to the text whose length is fixed by
     construction (no stop ids)."""
-    from synthetic_media import make_image, tone
-
     from minicpmo.runtime.pipeline import Pipeline
     from minicpmo.runtime.types import GenerationParams
+    from synthetic_media import make_image, tone
 
     pipe = Pipeline.load(bundle, provider="cpu", threads=1, context_length=1024)
     img = make_image(448, 448, seed=3)

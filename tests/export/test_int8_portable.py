@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from emulated_cpu import outputs, qemu_unavailable, run_emulated
 from onnx import numpy_helper
+
+from emulated_cpu import outputs, qemu_unavailable, run_emulated
 
 
 def _export(tmp_path_factory, checkpoint, name, **opts):
