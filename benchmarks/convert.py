@@ -3,8 +3,8 @@
 - write_hf_qwen2: a plain Hugging Face Qwen2ForCausalLM folder (config.json, safetensors shards
   with `model.*` / `lm_head.*` names, the tokenizer), for onnxruntime-genai's model builder.
   Tensor bytes are copied unchanged (BF16 stays BF16), shard by shard.
-- write_gguf: a llama.cpp GGUF (qwen2 architecture): 2-D weights in BF16/F16 as stored (F32 sources
-  become F16), 1-D tensors (norms, biases) in F32, GPT-2-style BPE tokenizer metadata.
+- write_gguf: a llama.cpp GGUF (qwen2 architecture): 2-D weights in BF16/F16/F32 as stored, 1-D
+  tensors (norms, biases) in F32, GPT-2-style BPE tokenizer metadata.
 """
 
 from __future__ import annotations
@@ -165,6 +165,8 @@ def _gguf_tensor_kind(ckpt: Checkpoint, name: str) -> tuple[str, int]:
         return "float32", 4 * n
     if ckpt.dtype(name) == "BF16":
         return "BF16", 2 * n
+    if ckpt.dtype(name) == "F32":  # e.g. weights dequantized from another GGUF: keep them exact
+        return "float32", 4 * n
     return "float16", 2 * n
 
 

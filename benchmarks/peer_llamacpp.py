@@ -15,7 +15,8 @@ import numpy as np
 from .common import Protocol, kv_bytes_per_position, peak_rss_bytes, prompt_ids, run_repeats
 
 log = logging.getLogger("benchmarks.llamacpp")
-FTYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+FTYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+          "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 
 
 def quantize(src: Path, dst: Path, qtype: str, threads: int) -> Path:

@@ -62,6 +62,8 @@ PEERS = {
                            {"extra": ["prune_lm_head=true"]}),
     "llamacpp-q4_0": Peer("llama.cpp Q4_0", "llamacpp", {"qtype": "Q4_0"}),
     "llamacpp-q4_k_m": Peer("llama.cpp Q4_K_M", "llamacpp", {"qtype": "Q4_K_M"}),
+    "llamacpp-q5_0": Peer("llama.cpp Q5_0", "llamacpp", {"qtype": "Q5_0"}),
+    "llamacpp-q8_0": Peer("llama.cpp Q8_0", "llamacpp", {"qtype": "Q8_0"}),
     "torch-fp32": Peer("PyTorch eager fp32", "torch", {"dtype": "fp32"}),
     "torch-bf16": Peer("PyTorch eager bf16", "torch", {"dtype": "bf16"}),
 }

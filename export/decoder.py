@@ -78,8 +78,7 @@ def _attention(g, i, n, cfg, read, opts, on_error, cos, sin) -> str:
     b = np.concatenate([read(p + "q_proj.bias"), read(p + "k_proj.bias"), read(p + "v_proj.bias")])
     name = f"/model/layers.{i}/attn"
     dt = compute_dtype(opts)
-    qkv = linear(g, f"{name}/qkv_proj", n, w, b, precision=opts.precision, block_size=opts.block_size,
-                 accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
+    qkv = _linear(g, f"{name}/qkv_proj", n, w, b, opts, on_error, dt)
     del w
     attn = g.node(
         "GroupQueryAttention",
@@ -90,8 +89,14 @@ def _attention(g, i, n, cfg, read, opts, on_error, cos, sin) -> str:
         num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
         do_rotary=1, rotary_interleaved=0, scale=float(cfg.head_dim ** -0.5),
     )[0]
-    return linear(g, f"{name}/o_proj", attn, read(p + "o_proj.weight"), None, precision=opts.precision,
-                  block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
+    return _linear(g, f"{name}/o_proj", attn, read(p + "o_proj.weight"), None, opts, on_error, dt)
+
+
+def _linear(g, name, x, w, b, opts: ExportOptions, on_error, dt) -> str:
+    """One decoder linear layer at its precision and accuracy level (ExportOptions.linear_settings)."""
+    precision, level = opts.linear_settings(name)
+    return linear(g, name, x, w, b, precision=precision, block_size=opts.block_size, accuracy_level=level,
+                  on_error=on_error, dtype=dt)
 
 
 def use_int8_kv_cache(model: onnx.ModelProto, k_scales: Sequence[np.ndarray], v_scales: Sequence[np.ndarray]) -> None:
@@ -129,12 +134,10 @@ def _mlp(g, i, n, read, opts, on_error) -> str:
     name = f"/model/layers.{i}/mlp"
     dt = compute_dtype(opts)
     w = np.concatenate([read(p + "gate_proj.weight"), read(p + "up_proj.weight")])
-    gu = linear(g, f"{name}/gate_up_proj", n, w, None, precision=opts.precision,
-                block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
+    gu = _linear(g, f"{name}/gate_up_proj", n, w, None, opts, on_error, dt)
     del w
     h = silu_mul(g, f"{name}/act", gu)
-    return linear(g, f"{name}/down_proj", h, read(p + "down_proj.weight"), None, precision=opts.precision,
-                  block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
+    return _linear(g, f"{name}/down_proj", h, read(p + "down_proj.weight"), None, opts, on_error, dt)
 
 
 def _declare_io(g: GraphBuilder, cfg: DecoderConfig, dt: np.dtype) -> None:

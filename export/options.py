@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 PRECISIONS = ("int4", "int8", "fp32")
 # "int4+int8": an int4 head whose best candidates are rescored with int8 weights (ops.rescored_head);
@@ -38,6 +39,12 @@ class ExportOptions:
     # calibrates by running the bundle on `kv_calibration_text` (None: a short built-in set).
     kv_cache: str = "auto"
     kv_calibration_text: str | None = None
+    # Per-tensor exceptions to `precision` and `accuracy_level` for the decoder's linear layers, as
+    # (pattern, value) pairs matched with fnmatch against the layer's graph name less "/model/"
+    # ("layers.0/mlp/down_proj", "layers.*/attn/qkv_proj"); the last matching pair wins. llama.cpp's
+    # quantizer has the same idea (`--tensor-type ffn_down=q8_0`): a few sensitive tensors kept finer.
+    tensor_precision: tuple[tuple[str, str], ...] = ()
+    tensor_accuracy: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -62,6 +69,19 @@ class ExportOptions:
             raise ValueError("a KV calibration text is only used with an int8 KV cache (--kv-cache int8)")
         if not 0 <= self.accuracy_level <= 4:
             raise ValueError(f"accuracy level must be 0..4, got {self.accuracy_level}")
+        for pattern, value in self.tensor_precision:
+            if value not in PRECISIONS:
+                raise ValueError(f"tensor precision for {pattern!r} must be one of {PRECISIONS}, got {value!r}")
+        for pattern, value in self.tensor_accuracy:
+            if not isinstance(value, int) or not 0 <= value <= 4:
+                raise ValueError(f"tensor accuracy level for {pattern!r} must be 0..4, got {value!r}")
+
+    def linear_settings(self, name: str) -> tuple[str, int]:
+        """(precision, accuracy level) of the decoder linear layer `name` (its graph name)."""
+        short = name.removeprefix("/model/")
+        precision = next((v for p, v in reversed(self.tensor_precision) if fnmatchcase(short, p)), self.precision)
+        level = next((v for p, v in reversed(self.tensor_accuracy) if fnmatchcase(short, p)), self.accuracy_level)
+        return precision, level
 
     @property
     def head_precision(self) -> str:
