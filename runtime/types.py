@@ -10,9 +10,12 @@ from typing import Any
 #    "content": str | list[part]}
 # where a part is one of
 #   {"type": "text", "text": str}
-#   {"type": "image", "image": PIL.Image.Image}
+#   {"type": "image", "image": PIL.Image.Image | str, "max_slices": int}  # str: path, URL, data URI, base64;
+#                                                     # max_slices (optional): at most this many slices (1: none)
 #   {"type": "audio", "audio": np.ndarray}        # float32 mono 16 kHz samples
-#   {"type": "video", "frames": list[PIL.Image.Image]}
+#   {"type": "video", "frames": list[PIL.Image.Image | str], "max_slices": int}  # max_slices default 2
+# An assistant message may also carry "token_ids": the ids the model generated for it (its stop token
+# left out); they are then fed back as they are, not re-tokenized from the text.
 Message = dict[str, Any]
 
 
