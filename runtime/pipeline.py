@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .bundle_check import check_decoder, check_encoder
 from .errors import AudioError, ContextLengthError, InputError
 from .generate import Decoder, StepStats, generate_tokens, prefill_prompt
 from .kv_cache import KVCache
@@ -34,7 +35,7 @@ VIDEO_MAX_SLICES = 2  # the model card's setting for video frames (1 on request)
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 4096
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class Pipeline:
@@ -66,13 +67,14 @@ class Pipeline:
         # A CUDA graph needs the whole decoder on the GPU: only the fp16 variant is (see kv_device).
         graph = cuda_graph and kv_on == "cuda"
         session = create_decoder_session(manifest, self.provider, threads, cuda_graph=graph)
+        check_decoder(manifest, session)
         self.kv = KVCache(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], self.context_length,
                           io_names=dec["io"], device=kv_on, dtype=kv_dtype)
         self.decoder = Decoder(session, dec["io"], self.kv, dec["vocab_size"], cuda_graph=graph)
         vis = manifest["vision"]
-        self.vision = VisionEncoder(create_session(manifest.path(vis["file"]), self.provider, threads,
-                                                   memory_arena=False),
-                                    self.params, vis["batch_size"], image_cache_bytes)
+        vision = create_session(manifest.path(vis["file"]), self.provider, threads, memory_arena=False)
+        check_encoder(manifest, "vision", vision)
+        self.vision = VisionEncoder(vision, self.params, vis["batch_size"], image_cache_bytes)
         self.tts_template = manifest.path(tok["tts_chat_template"]).read_text(encoding="utf-8")
         self.token_ids = tok["token_ids"]
         self.audio = None
@@ -81,9 +83,9 @@ class Pipeline:
 
             aud = manifest["audio"]
             self.audio_info = aud
-            self.audio = AudioEncoder(create_session(manifest.path(aud["file"]), self.provider, threads,
-                                                     memory_arena=False),
-                                      chunk_frames=aud["chunk_frames"], pool_step=aud["pool_step"])
+            audio = create_session(manifest.path(aud["file"]), self.provider, threads, memory_arena=False)
+            check_encoder(manifest, "audio", audio)
+            self.audio = AudioEncoder(audio, chunk_frames=aud["chunk_frames"], pool_step=aud["pool_step"])
         self.last_prompt_ids: list[int] = []
         self.load_seconds = time.perf_counter() - t0
 

@@ -35,7 +35,7 @@ from .image import SlicingParams, image_placeholder
 IMAGE_MARKER = "(<image>./</image>)"
 AUDIO_MARKER = "(<audio>./</audio>)"
 _MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(AUDIO_MARKER)})")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SPECIAL_KEYS = ("im_start", "im_end", "slice_start", "slice_end", "unk", "im_id_start", "im_id_end")
 AudioPlaceholder = Callable[[int], str]  # i-th audio clip of the conversation -> its placeholder text
 
@@ -178,8 +178,7 @@ def build_prompt(messages: list[Message], grids: list[tuple[int, int] | None], t
     _check_messages(messages)
     kinds: list[str] = []
     tag = f"\x00{secrets.token_hex(8)}:"  # stands for an assistant history message until tokenizing
-    rendered = [{"role": m["role"], "content": f"{tag}{i}\x00" if _is_history(m) else
-                 _checked_text(m, i, kinds, special)} for i, m in enumerate(messages)]
+    rendered = [_template_message(m, i, tag, kinds, special) for i, m in enumerate(messages)]
     n_visual = sum(kind != "audio" for kind in kinds)
     if len(grids) != n_visual:
         raise ValueError(f"{len(grids)} grids given for {n_visual} images and video frames")
@@ -194,6 +193,21 @@ def build_prompt(messages: list[Message], grids: list[tuple[int, int] | None], t
                          "contain image tokens as text?", param="messages")
     prompt.image_bounds = bounds
     return prompt
+
+
+def _template_message(message: Message, index: int, tag: str, kinds: list[str],
+                      special: dict[str, str]) -> dict[str, Any]:
+    """What the chat template sees of one message: its text (a history message's as a tag that
+    _tokenize_with_history replaces) and an assistant's tool calls."""
+    out: dict[str, Any] = {"role": message["role"]}
+    if _is_history(message):
+        has_text = bool(message_text(message, index, [])) or message.get("token_ids")
+        out["content"] = f"{tag}{index}\x00" if has_text else ""
+    else:
+        out["content"] = _checked_text(message, index, kinds, special)
+    if message.get("tool_calls"):
+        out["tool_calls"] = message["tool_calls"]
+    return out
 
 
 def _is_history(message: Message) -> bool:
