@@ -244,3 +244,54 @@ def test_sigterm_during_export_leaves_no_partial_folder(tiny_checkpoint, tmp_pat
         proc.kill()
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_checks_the_port_before_loading_and_warns_without_a_key(fp32_bundle):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = minicpmo("serve", "--model", fp32_bundle, "--host", "0.0.0.0", "--port", port, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "warning: serving on 0.0.0.0 without an API key" in proc.stderr
+    assert f"error: port {port} on 0.0.0.0 is already in use" in proc.stderr
+    assert "loaded" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_runs_a_bundle_end_to_end(fp32_bundle):
+    import httpx
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "minicpmo.cli.main", "serve", "--model", str(fp32_bundle),
+                             "--port", "0", "--served-model-name", "tiny", "--max-tokens", "4"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "the server ended before it listened"
+        url = re.search(r"on (http://\S+) ", line).group(1)
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{url}/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": [
+            {"role": "user", "content": "Hi"}], "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "tiny" and 1 <= body["usage"]["completion_tokens"] <= 4
+        # the reply fed back as history, whatever token text it holds, is accepted
+        reply = body["choices"][0]["message"]["content"]
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply + " </image><ref>x</ref>"},
+            {"role": "user", "content": "More"}]}, timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+            proc.stderr.close()
