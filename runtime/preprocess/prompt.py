@@ -170,7 +170,7 @@ def build_prompt(messages: list[Message], grids: list[tuple[int, int] | None], t
         params: slicing constants (query_num, use_image_id, slice_mode).
         special: token strings from the manifest: im_start, im_end, slice_start, slice_end, unk,
             im_id_start, im_id_end.
-        audio_placeholder: text for the i-th audio clip; the default raises (audio is not wired yet).
+        audio_placeholder: text for the i-th audio clip; the default refuses audio (the pipeline passes one).
     """
     missing = [k for k in SPECIAL_KEYS if k not in special]
     if missing:
