@@ -5,7 +5,7 @@ Per-layer buffers matter. A one-layer loop re-reads the same K and V, which then
 caches (a 7B layer at 2k tokens holds 8 MiB of K+V; this CPU has 32 MiB of L3): kernels that are
 slow on DRAM look fast there. `--layers 28` (the default) runs 28 independent attention blocks in one
 graph, so one step streams 28 layers' caches from memory as the decoder does; `--layers 1` is the
-cache-hot setting (the figures session 3's RESULTS first quoted).
+cache-hot setting (RESULTS.md §1's corrected one-layer figures).
 
 Kernels, all at S = 1 with rotary inside:
 - `GroupQueryAttention float32`: the decoder's node (one shared [1, kv, M, d] buffer written in place);

@@ -34,25 +34,25 @@ class Peer:
 
 PEERS = {
     # The head precision is explicit in every key: bundles exported under an older default stay valid
-    # for --reuse. The default is block 128 with the int4+int8 head (ours-b128-head48) since session 7.
+    # for --reuse. The default is block 128 with the int4+int8 head (ours-b128-head48).
     "ours": Peer("ours int4 b32 (lm_head int8)", "ours", {"block_size": 32, "head_precision": "int8"}),
     "ours-b64": Peer("ours int4 b64 (lm_head int8)", "ours", {"block_size": 64, "head_precision": "int8"}),
     "ours-b128": Peer("ours int4 b128 (lm_head int8)", "ours", {"block_size": 128, "head_precision": "int8"}),
     "ours-head4": Peer("ours int4 b32 (lm_head int4)", "ours", {"block_size": 32, "head_precision": "int4"}),
     "ours-b64-head4": Peer("ours int4 b64 (lm_head int4)", "ours", {"block_size": 64, "head_precision": "int4"}),
-    # the int4 head with its 64 best tokens rescored from int8 rows (ops.rescored_head); block 64 was
-    # the default in sessions 5-6, block 128 since session 7 (Q4_0's bytes in MLAS's packed layout)
+    # the int4 head with its 64 best tokens rescored from int8 rows (ops.rescored_head); the default at
+    # block 128 (Q4_0's bytes in MLAS's packed layout; RESULTS.md §6)
     "ours-b64-head48": Peer("ours int4 b64 (lm_head int4+int8)", "ours",
                             {"block_size": 64, "head_precision": "int4+int8"}),
     "ours-b128-head48": Peer("ours int4 b128 (lm_head int4+int8, default)", "ours",
                              {"block_size": 128, "head_precision": "int4+int8"}),
-    # block 256 (session 6): 4.25 bits per weight in MLAS's packed layout against block 32's 6
+    # block 256: 4.25 bits per weight in MLAS's packed layout against block 32's 6
     "ours-b256-head48": Peer("ours int4 b256 (lm_head int4+int8)", "ours",
                              {"block_size": 256, "head_precision": "int4+int8"}),
-    # ... with the int8 KV cache (session 8): decode attention reads a quarter of the cache's bytes
+    # ... with the int8 KV cache: decode attention reads a quarter of the cache's bytes
     "ours-b256-kv8": Peer("ours int4 b256 (lm_head int4+int8, int8 KV cache)", "ours",
                           {"block_size": 256, "head_precision": "int4+int8", "kv_cache": "int8"}),
-    # ... and the 2-bit head scan (session 8): the fewest bytes per token of all
+    # ... and the 2-bit head scan: the fewest bytes per token of all
     "ours-b256-kv8-head28": Peer("ours int4 b256 (lm_head int2+int8, int8 KV cache)", "ours",
                                  {"block_size": 256, "head_precision": "int2+int8", "kv_cache": "int8"}),
     # the speed options together: fewest bytes, most error (both measured in RESULTS.md)

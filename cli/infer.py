@@ -11,12 +11,13 @@ import click
 
 from ..runtime.pipeline import Pipeline
 from ..runtime.preprocess.image import load_image
-from ..runtime.types import GenerationParams
+from ..runtime.types import GenerationParams, Usage
 
 
 @dataclass
 class MediaArgs:
     images: tuple[str, ...] = ()
+    max_slices: int | None = None  # per image; None: the bundle's
     audios: tuple[str, ...] = ()
     video: str | None = None
     frames: str | None = None
@@ -27,6 +28,9 @@ class MediaArgs:
 def media_parts(media: MediaArgs) -> list[dict]:
     """Decode every input up front, so a bad file fails before the model loads."""
     parts = [{"type": "image", "image": load_image(src)} for src in media.images]
+    if media.max_slices is not None:
+        for part in parts:
+            part["max_slices"] = media.max_slices
     if media.video or media.frames:
         from ..runtime.preprocess.video import load_frame_dir, load_video
 
@@ -40,30 +44,53 @@ def media_parts(media: MediaArgs) -> list[dict]:
     return parts
 
 
+def length_note(usage: Usage, max_tokens: int, context_length: int) -> str | None:
+    """Why a reply that ran to its length limit stopped: --max-tokens, or the end of the context."""
+    room = context_length - usage.prompt_tokens
+    if usage.completion_tokens >= room:
+        return (f"the reply filled the context ({context_length} tokens: {usage.prompt_tokens} prompt + "
+                f"{usage.completion_tokens} reply); a larger --context leaves more room")
+    if usage.completion_tokens >= max_tokens:
+        return f"the reply stopped at --max-tokens {max_tokens}"
+    return None
+
+
+def stats_line(usage: Usage, lookup: bool) -> str:
+    u = usage.as_dict()
+    drafts = (f"; lookup kept {u['accepted_draft_tokens']} of {u['draft_tokens']} draft tokens" if lookup else "")
+    cached = f" ({u['cached_prompt_tokens']} cached)" if u["cached_prompt_tokens"] else ""
+    return (f"[{u['prompt_tokens']} prompt tokens{cached}, {u['completion_tokens']} generated; "
+            f"prefill {u['prefill_tokens_per_s']:.1f} tok/s, decode {u['decode_tokens_per_s']:.1f} tok/s{drafts}]")
+
+
 def run_infer(*, model, provider, threads, context_length, media: MediaArgs, prompt, system, as_json,
               sampling, cuda_graph: bool = True) -> None:
     content = media_parts(media) + [{"type": "text", "text": prompt}]
     pipe = Pipeline.load(model, provider=provider, threads=threads, context_length=context_length,
                          cuda_graph=cuda_graph)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
-    text, ids, usage = [], [], None
-    for chunk in pipe.generate(messages, GenerationParams(**sampling)):
+    params = GenerationParams(**sampling)
+    text, ids, last = [], [], None
+    for chunk in pipe.generate(messages, params):
         ids += chunk.token_ids
         if chunk.text:
             text.append(chunk.text)
             if not as_json:
                 click.echo(chunk.text, nl=False)
-        if chunk.usage:
-            usage = chunk.usage
+        if chunk.finish_reason:
+            last = chunk
+    room = pipe.context_length - last.usage.prompt_tokens
+    if params.max_tokens > room:
+        click.echo(f"note: --max-tokens {params.max_tokens} is more than the context leaves for the reply "
+                   f"({room} of {pipe.context_length} tokens)", err=True)
     if as_json:
-        click.echo(json.dumps({"text": "".join(text), "token_ids": ids,
-                               "prompt_token_ids": pipe.last_prompt_ids, "usage": usage.as_dict()}))
+        click.echo(json.dumps({"text": "".join(text), "finish_reason": last.finish_reason, "token_ids": ids,
+                               "prompt_token_ids": pipe.last_prompt_ids, "usage": last.usage.as_dict()}))
     else:
         click.echo()
-        u = usage.as_dict()
-        drafts = (f"; lookup kept {u['accepted_draft_tokens']} of {u['draft_tokens']} draft tokens"
-                  if sampling.get("lookup") else "")
-        click.echo(f"[{u['prompt_tokens']} prompt tokens, {u['completion_tokens']} generated; "
-                   f"prefill {u['prefill_tokens_per_s']:.1f} tok/s, decode {u['decode_tokens_per_s']:.1f} tok/s"
-                   f"{drafts}]", err=True)
+        note = length_note(last.usage, params.max_tokens, pipe.context_length) if last.finish_reason == "length" \
+            else None
+        if note:
+            click.echo(f"({note})", err=True)
+        click.echo(stats_line(last.usage, bool(sampling.get("lookup"))), err=True)
     sys.stdout.flush()

@@ -1,6 +1,7 @@
 """`minicpmo` command line: thin wrappers that parse, call export/ or runtime/, and print.
 
-Data goes to stdout, logs and errors to stderr; a bad input is one `error: ...` line and exit 1.
+Data goes to stdout, logs and errors to stderr; a bad input (a bad option value included) is one
+`error: ...` line and exit 1.
 """
 
 from __future__ import annotations
@@ -14,9 +15,20 @@ from pathlib import Path
 
 import click
 
+from .. import __version__
 from ..export.options import HEAD_PRECISIONS, RESCORED_HEADS, ExportOptions  # no torch: --help's choices
 from ..runtime.errors import MiniCPMOError
 from ..runtime.sampler import MAX_LOOKUP
+from .options import (
+    MAX_SLICES,
+    MODEL,
+    RUNTIME,
+    SAMPLING,
+    SAMPLING_NAMES,
+    SYSTEM,
+    ByteSize,
+    human_bytes,
+)
 
 
 def _fail_cleanly(fn):
@@ -43,24 +55,63 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-@click.group()
+class _Commands(click.Group):
+    """Click's usage errors (a missing option, a file that does not exist, a bad number) as one
+    `error:` line and exit 1, like every other bad input, instead of its usage block and exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            hint = (f" (see '{e.ctx.command_path} --help')"
+                    if isinstance(e, click.UsageError) and e.ctx is not None else "")
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(1)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _sampling(kwargs: dict) -> dict:
+    return {name: kwargs.pop(name) for name in SAMPLING_NAMES}
+
+
+def _runtime(kwargs: dict) -> dict:
+    return {"provider": kwargs.pop("provider"), "threads": kwargs.pop("threads"),
+            "context_length": kwargs.pop("context_length"), "cuda_graph": not kwargs.pop("no_cuda_graph")}
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, "-V", "--version", prog_name="minicpmo")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
 def cli(verbose: bool) -> None:
-    """Export MiniCPM-o 2.6 to int4 ONNX and run it with ONNX Runtime."""
+    """Export MiniCPM-o 2.6 to int4 ONNX and run it with ONNX Runtime.
+
+    \b
+    minicpmo export openbmb/MiniCPM-o-2_6 -o models/minicpmo-int4
+    minicpmo infer --model models/minicpmo-int4 --image photo.jpg --prompt "What is in it?"
+    minicpmo chat --model models/minicpmo-int4
+    minicpmo serve --model models/minicpmo-int4
+    """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
 
 
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--size", type=click.Choice(["tiny", "small", "full"]), default="tiny", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "small", "full"]), default="tiny", show_default=True,
+              help="tiny: seconds to export; small: a 1.5B decoder; full: MiniCPM-o 2.6's exact shapes (8.7B).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--no-audio", is_flag=True, help="Leave out the audio encoder weights.")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Copy this tokenizer folder instead of making a small byte-level BPE.")
 @_fail_cleanly
 def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path | None) -> None:
-    """Write a synthetic checkpoint in the exact upstream format (random weights)."""
+    """Write a synthetic checkpoint in the exact upstream format (random weights: fluent nonsense).
+
+    \b
+    minicpmo synth models/demo-checkpoint --size tiny
+    """
     from ..export.synth import write_synthetic_checkpoint
 
     _interrupt_on_sigterm()
@@ -70,19 +121,23 @@ def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path |
 
 @cli.command()
 @click.argument("checkpoint")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle folder [models/NAME-PRECISION].")
-@click.option("--precision", type=click.Choice(["int4", "int8", "fp32"]), default="int4", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="DIR",
+              help="Bundle folder [models/NAME-PRECISION].")
+@click.option("--precision", type=click.Choice(["int4", "int8", "fp32"]), default="int4", show_default=True,
+              help="Decoder weights.")
 @click.option("--lm-head-precision", type=click.Choice(list(HEAD_PRECISIONS)),
               help="int4+int8: an int4 head whose 64 best tokens are rescored with int8 weights (half an "
                    "int8 head's bytes per token); int2+int8: a 2-bit scan, its 128 best rescored (~40% fewer "
                    "head bytes per token, coarser logits outside them). Default: int4+int8 under int4 (int8 with "
                    "--decoder-dtype fp16), else the same as --precision.")
-@click.option("--vision-precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
 @click.option("--block-size", type=click.Choice(["32", "64", "128", "256"]), show_default=True,
               default=str(ExportOptions.block_size),
               help="Weights per int4 scale. 128 reads llama.cpp Q4_0's bytes per token; 64 is ~10% more exact "
-                   "and ~11% slower to decode; 256 is the fastest and least exact (README, Speed).")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True)
+                   "and ~11% slower to decode; 256 is the fastest and least exact (README, Export options).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU), 0 = as the inputs.")
+@click.option("--vision-precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Vision and audio encoder weights (int8: about twice as fast on CPU).")
 @click.option("--decoder-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16 for GPUs (CUDA): activations, scales and KV cache in fp16.")
 @click.option("--kv-cache", type=click.Choice(["auto", "int8"]), default="auto", show_default=True,
@@ -94,9 +149,14 @@ def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path |
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @_fail_cleanly
 def export(checkpoint: str, output: Path | None, precision: str, lm_head_precision: str | None,
-           vision_precision: str, block_size: str, accuracy_level: int, decoder_dtype: str, kv_cache: str,
+           block_size: str, accuracy_level: int, vision_precision: str, decoder_dtype: str, kv_cache: str,
            kv_calibration_text: Path | None, no_audio: bool, overwrite: bool) -> None:
-    """Export CHECKPOINT (a local snapshot folder or a hub id) into a bundle folder."""
+    """Export CHECKPOINT (a local snapshot folder or a hub id) into a bundle folder.
+
+    \b
+    minicpmo export openbmb/MiniCPM-o-2_6 -o models/minicpmo-int4
+    minicpmo export ./MiniCPM-o-2_6 -o models/minicpmo-gpu --decoder-dtype fp16
+    """
     from ..export.bundle import export_bundle
     from .progress import ProgressPrinter
 
@@ -108,9 +168,13 @@ def export(checkpoint: str, output: Path | None, precision: str, lm_head_precisi
     _interrupt_on_sigterm()
     with ProgressPrinter() as progress:
         out = export_bundle(checkpoint, output, opts, overwrite=overwrite, progress=progress)
+    _print_export_summary(out)
+
+
+def _print_export_summary(out: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     q, size = manifest["quantization"], sum(f["bytes"] for f in manifest["files"].values())
-    click.echo(f"bundle: {size / 1e9:.2f} GB; weight reconstruction error (relative Frobenius) "
+    click.echo(f"bundle: {human_bytes(size)}; weight reconstruction error (relative Frobenius) "
                f"mean {q['relative_error_mean']:.4f}, max {q['relative_error_max']:.4f}", err=True)
     per_tensor = q["per_tensor"]
     if "/lm_head/rescore" in per_tensor:  # the max above is usually the int4 scan's: say what it serves
@@ -123,89 +187,85 @@ def export(checkpoint: str, output: Path | None, precision: str, lm_head_precisi
     click.echo(str(out))
 
 
-def _runtime_options(fn):
-    fn = click.option("--model", "model", required=True, type=click.Path(path_type=Path),
-                      help="Bundle folder written by `minicpmo export`.")(fn)
-    fn = click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(fn)
-    fn = click.option("--threads", type=click.IntRange(1), help="Intra-op threads [all cores].")(fn)
-    fn = click.option("--context", "context_length", type=click.IntRange(16),
-                      help="Context length (KV cache size) [4096].")(fn)
-    fn = click.option("--no-cuda-graph", is_flag=True,
-                      help="On CUDA, run every decode step without CUDA graph replay.")(fn)
-    return fn
-
-
-def _sampling_options(fn):
-    fn = click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)(fn)
-    fn = click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True,
-                      help="0 = greedy.")(fn)
-    fn = click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)(fn)
-    fn = click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")(fn)
-    fn = click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0)(fn)
-    fn = click.option("--seed", type=int)(fn)
-    fn = click.option("--lookup", type=click.IntRange(0, MAX_LOOKUP), default=0, show_default=True,
-                      help="Prompt lookup: verify up to N draft tokens per step, copied from where the last "
-                           "tokens occurred earlier in the conversation; tokens are drawn as without it "
-                           "(0 = off).")(fn)
-    return fn
-
-
 @cli.command()
-@_runtime_options
-@_sampling_options
-@click.option("--image", "images", multiple=True, help="Path, http(s) URL, data URI or base64; repeatable.")
+@MODEL
+@click.option("--image", "images", multiple=True, metavar="SRC",
+              help="Path, http(s) URL, data URI or base64; repeatable.")
+@MAX_SLICES
 @click.option("--audio", "audios", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Audio file (WAV/FLAC/OGG/MP3); repeatable. Switches on the audio chat template.")
 @click.option("--video", type=click.Path(exists=True, dir_okay=False), help="Video file (needs PyAV).")
-@click.option("--frames", type=click.Path(exists=True, file_okay=False), help="Folder of video frames.")
-@click.option("--fps", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
-@click.option("--max-frames", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--prompt", required=True, help="The question.")
-@click.option("--system", help="System prompt (default: the chat template's).")
+@click.option("--frames", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Folder of video frames, in natural name order (frame_2 before frame_10).")
+@click.option("--fps", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="Video frames kept per second.")
+@click.option("--max-frames", type=click.IntRange(1), default=64, show_default=True,
+              help="Most video frames (spread evenly over the video).")
+@click.option("--prompt", required=True, metavar="TEXT", help="The question.")
+@SYSTEM
+@SAMPLING
+@RUNTIME
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_fail_cleanly
-def infer(model, provider, threads, context_length, no_cuda_graph, max_tokens, temperature, top_p, top_k,
-          repetition_penalty, seed, lookup, images, audios, video, frames, fps, max_frames, prompt, system,
-          as_json) -> None:
-    """Answer one question about images, audio clips or a video."""
+def infer(model, images, max_slices, audios, video, frames, fps, max_frames, prompt, system, as_json,
+          **kwargs) -> None:
+    """Answer one question about images, audio clips or a video.
+
+    \b
+    minicpmo infer --model models/minicpmo-int4 --image photo.jpg --prompt "What is in it?"
+    minicpmo infer --model models/minicpmo-int4 --audio clip.wav --prompt "What do you hear?" --json
+    minicpmo infer --model models/minicpmo-int4 --frames clip/ --prompt "What happens?"
+    """
     from .infer import MediaArgs, run_infer
 
-    media = MediaArgs(images=images, audios=audios, video=video, frames=frames, fps=fps, max_frames=max_frames)
-    run_infer(model=model, provider=provider, threads=threads, context_length=context_length,
-              cuda_graph=not no_cuda_graph, media=media, prompt=prompt, system=system, as_json=as_json,
-              sampling=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            repetition_penalty=repetition_penalty, seed=seed, lookup=lookup))
+    media = MediaArgs(images=images, max_slices=max_slices, audios=audios, video=video, frames=frames, fps=fps,
+                      max_frames=max_frames)
+    run_infer(model=model, media=media, prompt=prompt, system=system, as_json=as_json,
+              sampling=_sampling(kwargs), **_runtime(kwargs))
 
 
 @cli.command()
-@_runtime_options
-@_sampling_options
+@MODEL
+@MAX_SLICES
+@SYSTEM
+@SAMPLING
+@RUNTIME
 @_fail_cleanly
-def chat(model, provider, threads, context_length, no_cuda_graph, max_tokens, temperature, top_p, top_k,
-         repetition_penalty, seed, lookup) -> None:
-    r"""Interactive multi-turn chat: \image, \audio, \video SRC [question]; \system TEXT; \clear; \exit."""
+def chat(model, max_slices, system, **kwargs) -> None:
+    r"""Interactive multi-turn chat; earlier turns stay in the KV cache.
+
+    Type a question, or a command: \image SRC [question], \audio FILE [question], \video FILE|DIR
+    [question], \system [TEXT], \clear, \help, \exit. Ctrl-C stops a reply; Ctrl-D leaves.
+
+    \b
+    minicpmo chat --model models/minicpmo-int4
+    minicpmo chat --model models/minicpmo-int4 --system "Answer in one sentence." --temperature 0.7
+    """
     from .chat import run_chat
 
-    run_chat(model=model, provider=provider, threads=threads, context_length=context_length,
-             cuda_graph=not no_cuda_graph,
-             sampling=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                           repetition_penalty=repetition_penalty, seed=seed, lookup=lookup))
+    run_chat(model=model, system=system, max_slices=max_slices, sampling=_sampling(kwargs), **_runtime(kwargs))
 
 
 @cli.command()
-@click.option("--model", "model", required=True, type=click.Path(path_type=Path))
-@click.option("--threads", type=click.IntRange(1), help="Intra-op threads [all cores].")
-@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--prompt-tokens", type=click.IntRange(16), default=512, show_default=True)
-@click.option("--decode-tokens", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@MODEL
+@click.option("--prompt-tokens", type=click.IntRange(16), default=512, show_default=True,
+              help="Length of the measured prompt.")
+@click.option("--decode-tokens", type=click.IntRange(1), default=128, show_default=True,
+              help="Tokens decoded after it.")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
+              help="Runs of each measurement (the median is reported).")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads per graph [all cores].")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where ONNX Runtime runs the graphs.")
 @click.option("--no-cuda-graph", is_flag=True, help="On CUDA, run every decode step without graph replay.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_fail_cleanly
-def bench(model, threads, repeats, prompt_tokens, decode_tokens, provider, no_cuda_graph, as_json) -> None:
-    """Measure a bundle: load, vision, time to first token, prefill/decode tok/s, peak RSS, size."""
-    import json
+def bench(model, prompt_tokens, decode_tokens, repeats, threads, provider, no_cuda_graph, as_json) -> None:
+    """Measure a bundle: load, vision, time to first token, prefill/decode tok/s, peak RSS, size.
 
+    \b
+    minicpmo bench --model models/minicpmo-int4 --threads 8 --json
+    """
     from ..runtime.bench import run_bench
 
     result = run_bench(model, threads=threads, repeats=repeats, prompt_tokens=prompt_tokens,
@@ -219,44 +279,48 @@ def bench(model, threads, repeats, prompt_tokens, decode_tokens, provider, no_cu
 
 
 @cli.command()
-@_runtime_options
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--api-key", envvar="MINICPMO_API_KEY", help="Require 'Authorization: Bearer KEY'.")
-@click.option("--allowed-local-media", type=click.Path(path_type=Path),
-              help="Folder that local image paths may come from (off by default).")
-@click.option("--allow-private-urls", is_flag=True, help="Let image URLs reach loopback/private addresses.")
-@click.option("--max-queue", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--max-image-bytes", type=click.IntRange(1), default=20 * 1024 * 1024, show_default=True)
-@click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True)
-@click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=600.0, show_default=True)
-@click.option("--lookup", type=click.IntRange(0, MAX_LOOKUP), default=0, show_default=True,
+@MODEL
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (0.0.0.0: every interface; then set an API key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option("--served-model-name", "served_names", multiple=True, metavar="NAME",
+              help="Model id(s) clients may ask for; repeatable; the first is reported [the bundle's name].")
+@click.option("--api-key", envvar="MINICPMO_API_KEY", metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics [$MINICPMO_API_KEY].")
+@click.option("--cors-origins", metavar="ORIGINS",
+              help="Comma-separated origins browsers may call from ('*': any), e.g. http://localhost:3000.")
+@click.option("--max-tokens", "default_max_tokens", type=click.IntRange(1),
+              help="Reply length for requests that set no max_tokens [until a stop token or the context's end].")
+@click.option("--lookup", type=click.IntRange(0, MAX_LOOKUP), default=0, show_default=True, metavar="N",
               help="Prompt lookup draft tokens per step for requests that do not set `lookup` (0 = off).")
+@click.option("--max-queue", type=click.IntRange(1), default=16, show_default=True,
+              help="Requests waiting for the model; more get 429 with Retry-After.")
+@click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=600.0, show_default=True,
+              metavar="SECONDS", help="Queue wait plus generation; then 504 and the generation stops.")
+@click.option("--allowed-local-media", type=click.Path(path_type=Path), metavar="DIR",
+              help="Folder that local image paths may come from [none: no local files].")
+@click.option("--allow-private-urls", is_flag=True,
+              help="Let image URLs reach loopback and private addresses (off: SSRF guard).")
+@click.option("--max-image-bytes", type=ByteSize(), default=20 * 1024 * 1024,
+              help="Largest encoded image, checked before decoding: 20MiB, 500k, 1048576 [20 MiB].")
+@click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, metavar="PIXELS",
+              help="Largest width x height, checked before decoding [40,000,000].")
+@RUNTIME
 @_fail_cleanly
-def serve(model, provider, threads, context_length, no_cuda_graph, host, port, api_key, allowed_local_media,
-          allow_private_urls, max_queue, max_image_bytes, max_image_pixels, request_timeout, lookup) -> None:
-    """OpenAI-compatible HTTP server (POST /v1/chat/completions)."""
-    try:
-        from ..runtime.server import ServerSettings
-        from ..runtime.server import serve as run_server
-    except ImportError as e:
-        raise click.ClickException(f"the server needs: pip install 'minicpmo-onnx[server]' ({e})") from e
-    from ..runtime.manifest import load_manifest
-    from ..runtime.pipeline import Pipeline
+def serve(model, **kwargs) -> None:
+    """OpenAI-compatible HTTP server: POST /v1/chat/completions, GET /v1/models, /health, /metrics, /docs.
 
-    if lookup and "logits_start" not in load_manifest(model)["decoder"]["io"]:
-        raise click.ClickException(f"--lookup: {model} was exported before prompt lookup existed; re-export it")
-    settings = ServerSettings(model_dir=model, host=host, port=port, api_key=api_key,
-                              allowed_local_media=allowed_local_media, allow_private_urls=allow_private_urls,
-                              max_queue=max_queue, max_image_bytes=max_image_bytes,
-                              max_image_pixels=max_image_pixels, request_timeout=request_timeout,
-                              default_lookup=lookup)
-    run_server(lambda: Pipeline.load(model, provider=provider, threads=threads, context_length=context_length,
-                                     cuda_graph=not no_cuda_graph), settings)
+    \b
+    minicpmo serve --model models/minicpmo-int4 --port 8000
+    MINICPMO_API_KEY=secret minicpmo serve --model models/minicpmo-int4 --host 0.0.0.0
+    """
+    from .serve import run_serve
+
+    run_serve(model, runtime=_runtime(kwargs), **kwargs)
 
 
 def main() -> None:  # pragma: no cover - console script entry
-    cli()
+    sys.exit(cli(prog_name="minicpmo"))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,7 @@ from .vision import OUTPUT as VISION_OUTPUT
 from .vision import build_vision_graph
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
+Progress = Callable[..., None]  # (stage, done, total, unit=""): unit names what is counted
 
 # Upstream MiniCPMO.default_tts_chat_template: switched on whenever a conversation holds audio.
 TTS_CHAT_TEMPLATE = (
@@ -90,8 +90,9 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, name: str, opts: ExportOptions
             g, cfg, ckpt.read, prec, opts.block_size, opts.accuracy_level, on_error=record))
         progress(name_, 1, 1)
     g = GraphBuilder("decoder", folder / "decoder.onnx.data")
+    progress("decoder", 0, cfg.decoder.num_hidden_layers, "layers")
     build_decoder_graph(g, cfg.decoder, ckpt.read, opts, cfg.decoder.max_position_embeddings,
-                        on_error=record, progress=lambda i, n: progress("decoder", i, n))
+                        on_error=record, progress=lambda i, n: progress("decoder", i, n, "layers"))
     g.save(folder / "decoder.onnx")
     graphs["decoder"] = g
     progress("embeddings", 0, 1)
@@ -106,9 +107,8 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, name: str, opts: ExportOptions
                              "chunk_input": cfg.chunk_input, "sample_rate": 16000}
     manifest["export_seconds"] = round(time.time() - t0, 1)
     files = sorted(p.name for p in folder.iterdir())
-    progress("hashing", 0, len(files))
-    manifest["files"] = mf.describe_files(folder, files)
-    (folder / mf.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    manifest["files"] = mf.describe_files(folder, files, progress=lambda i, n: progress("hashing", i, n, "files"))
+    mf.write_manifest(folder, manifest)
     if opts.kv_cache == "int8":
         progress("kv calibration", 0, 1)
         _use_int8_kv_cache(folder, manifest, opts, audio)
@@ -133,7 +133,7 @@ def _use_int8_kv_cache(folder: Path, manifest: dict, opts: ExportOptions, audio:
     manifest["decoder"].update(_io_of(model.graph.input, model.graph.output), kv_dtype="int8",
                                kv_calibration=scales.summary)
     manifest["files"]["decoder.onnx"] = mf.describe_files(folder, ["decoder.onnx"])["decoder.onnx"]
-    (folder / mf.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    mf.write_manifest(folder, manifest)
 
 
 def write_encoder(folder: Path, name: str, opts: ExportOptions, build) -> GraphBuilder:
@@ -260,5 +260,5 @@ def preprocessing_constants(cfg) -> dict:
             "num_patches_per_side": v.num_patches_per_side}
 
 
-def _log_progress(stage: str, done: int, total: int) -> None:
-    log.info("%s %d/%d", stage, done, total)
+def _log_progress(stage: str, done: int, total: int, unit: str = "") -> None:
+    log.info("%s %d/%d %s", stage, done, total, unit)

@@ -13,12 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from .bundle_check import check_decoder, check_encoder
 from .errors import AudioError, ContextLengthError, InputError
 from .generate import Decoder, StepStats, generate_tokens, prefill_prompt
 from .kv_cache import KVCache
 from .manifest import Manifest, load_manifest
 from .preprocess.image import SlicingParams
+from .preprocess.image_io import load_image
 from .preprocess.prompt import build_prompt
 from .sampler import make_sampler
 from .sessions import EmbeddingTable, create_decoder_session, create_session, kv_device, resolve_provider
@@ -32,7 +35,7 @@ VIDEO_MAX_SLICES = 2  # the model card's setting for video frames (1 on request)
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 4096
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class Pipeline:
@@ -52,6 +55,10 @@ class Pipeline:
         self.chat_template = manifest.path(tok["chat_template"]).read_text(encoding="utf-8")
         self.special = tok["special_tokens"]
         self.stop_ids = set(tok["stop_token_ids"])
+        # Upstream chat() removes its terminators and <|tts_eos|> from the reply text and keeps every
+        # other token's text (grounding tokens such as <ref>/<box> are part of an answer).
+        tts_eos = tok["token_ids"].get(tok["special_tokens"].get("tts_eos", ""))
+        self.hidden_ids = self.stop_ids | ({tts_eos} if tts_eos is not None else set())
         self.params = SlicingParams.from_dict(manifest["preprocessing"])
         emb = manifest["embeddings"]
         self.embed = EmbeddingTable(manifest.path(emb["file"]), emb["dtype"], emb["shape"])
@@ -60,13 +67,14 @@ class Pipeline:
         # A CUDA graph needs the whole decoder on the GPU: only the fp16 variant is (see kv_device).
         graph = cuda_graph and kv_on == "cuda"
         session = create_decoder_session(manifest, self.provider, threads, cuda_graph=graph)
+        check_decoder(manifest, session)
         self.kv = KVCache(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], self.context_length,
                           io_names=dec["io"], device=kv_on, dtype=kv_dtype)
         self.decoder = Decoder(session, dec["io"], self.kv, dec["vocab_size"], cuda_graph=graph)
         vis = manifest["vision"]
-        self.vision = VisionEncoder(create_session(manifest.path(vis["file"]), self.provider, threads,
-                                                   memory_arena=False),
-                                    self.params, vis["batch_size"], image_cache_bytes)
+        vision = create_session(manifest.path(vis["file"]), self.provider, threads, memory_arena=False)
+        check_encoder(manifest, "vision", vision)
+        self.vision = VisionEncoder(vision, self.params, vis["batch_size"], image_cache_bytes)
         self.tts_template = manifest.path(tok["tts_chat_template"]).read_text(encoding="utf-8")
         self.token_ids = tok["token_ids"]
         self.audio = None
@@ -75,9 +83,9 @@ class Pipeline:
 
             aud = manifest["audio"]
             self.audio_info = aud
-            self.audio = AudioEncoder(create_session(manifest.path(aud["file"]), self.provider, threads,
-                                                     memory_arena=False),
-                                      chunk_frames=aud["chunk_frames"], pool_step=aud["pool_step"])
+            audio = create_session(manifest.path(aud["file"]), self.provider, threads, memory_arena=False)
+            check_encoder(manifest, "audio", audio)
+            self.audio = AudioEncoder(audio, chunk_frames=aud["chunk_frames"], pool_step=aud["pool_step"])
         self.last_prompt_ids: list[int] = []
         self.load_seconds = time.perf_counter() - t0
 
@@ -120,13 +128,16 @@ class Pipeline:
         prompt = build_prompt(messages, [im.grid for im in images], self.tokenizer, template,
                               self.params, self.special, **extra)
         ids = np.asarray(prompt.token_ids, dtype=np.int64)
+        if len(ids) and ids.max() >= self.embed.vocab_size:
+            raise InputError(f"token id {int(ids.max())} in an assistant message's token_ids is outside the "
+                             f"vocabulary ({self.embed.vocab_size} ids)", param="messages")
         usage.prompt_tokens = len(ids)
         self.last_prompt_ids = ids.tolist()
         max_tokens = self._check_context(len(ids), params.max_tokens)
         t0 = time.perf_counter()
         embeds, keys = self._prompt_embeddings(ids, prompt.image_bounds, images)
         if clips:
-            embeds, keys = self._splice_audio(ids, embeds, keys, clips)
+            embeds, keys = self._splice_audio(prompt.searchable_ids(), embeds, keys, clips)
         usage.vision_seconds = time.perf_counter() - t0  # image and audio encoders
         return ids, embeds, keys, usage, max_tokens
 
@@ -175,7 +186,8 @@ class Pipeline:
 
     def _splice_audio(self, ids: np.ndarray, embeds: np.ndarray, keys: list, clips):
         """Encode all clips as upstream does (one batch; a message's clips joined) and fill the
-        rows between each <|audio_start|> and <|audio_end|>, in order."""
+        rows between each <|audio_start|> and <|audio_end|>, in order (`ids`: assistant history
+        masked out, see Prompt.searchable_ids)."""
         from .preprocess.audio import merge_message_clips
 
         start_id = self.token_ids[self.special["audio_start"]]
@@ -200,7 +212,7 @@ class Pipeline:
 
     def _stream_text(self, tokens, params: GenerationParams, usage: Usage,
                      stats: StepStats) -> Iterator[GenerationChunk]:
-        detok = StreamingDetokenizer(self.tokenizer, skip_special_ids=self.stop_ids)
+        detok = StreamingDetokenizer(self.tokenizer, skip_special_ids=self.hidden_ids)
         stops = StopMatcher(params.stop)
         stop_ids = self.stop_ids | set(params.stop_token_ids)
         finish, n, cut = "length", 0, False
@@ -243,14 +255,34 @@ def _parts(messages: list[Message]):
 
 
 def _visual_parts(messages: list[Message]) -> list:
-    """(image, max slices or None) in prompt order; video frames count as images of at most 2 slices."""
+    """(image, max slices or None) in prompt order; video frames count as images of at most 2 slices.
+    An image given as a path, URL, data URI or base64 string is loaded here."""
     out = []
-    for _, part in _parts(messages):
+    for i, part in _parts(messages):
+        where = f"messages[{i}]"
         if part.get("type") == "image":
-            out.append((part["image"], None))
+            out.append((_image(part.get("image"), where), _max_slices(part.get("max_slices"), where)))
         elif part.get("type") == "video":
-            out.extend((frame, part.get("max_slices", VIDEO_MAX_SLICES)) for frame in part["frames"])
+            limit = _max_slices(part.get("max_slices", VIDEO_MAX_SLICES), where)
+            out.extend((_image(frame, where), limit) for frame in part.get("frames") or ())
     return out
+
+
+def _image(image, where: str) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, str | Path):
+        return load_image(str(image))
+    raise InputError(f"{where}: an image must be a PIL image, a path, a URL, a data URI or base64 text, "
+                     f"not {type(image).__name__}", param=where)
+
+
+def _max_slices(value, where: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{where}: max_slices must be an integer >= 1, got {value!r}", param=where)
+    return value
 
 
 def _audio_parts(messages: list[Message]) -> list[tuple[int, np.ndarray]]:

@@ -1,4 +1,4 @@
-"""Next-token choice: penalties -> temperature -> top-k -> top-p -> draw (or argmax when greedy).
+"""Next-token choice: penalties -> temperature -> top-k -> top-p -> min-p -> draw (or argmax when greedy).
 
 Small pure filters on float64 logit vectors, composed by `make_sampler` into a seeded `Sampler`. The
 order and the top-k/top-p rules follow Hugging Face's logits processors; presence and frequency
@@ -78,6 +78,17 @@ def apply_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
     return np.where(keep, logits, -np.inf)
 
 
+def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Drop the tokens less likely than min_p times the most likely one (Hugging Face's MinP rule)."""
+    if min_p <= 0.0:
+        return logits
+    finite = logits[np.isfinite(logits)]
+    if not len(finite):
+        return logits
+    # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
+    return np.where(logits < finite.max() + math.log(min_p), -np.inf, logits)
+
+
 def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
     """One id drawn from softmax(logits) with the generator's next uniform number."""
     probs = softmax(logits)
@@ -101,6 +112,8 @@ def validate(params: GenerationParams) -> None:
         raise bad("top_p", "in (0, 1]")
     if not isinstance(params.top_k, Integral) or isinstance(params.top_k, bool) or params.top_k < 0:
         raise bad("top_k", "an integer >= 0 (0 = off)")
+    if not isinstance(params.min_p, Real) or not 0 <= params.min_p <= 1:
+        raise bad("min_p", "in [0, 1] (0 = off)")
     rp = params.repetition_penalty
     if not isinstance(rp, Real) or not math.isfinite(rp) or rp <= 0:
         raise bad("repetition_penalty", "a finite number > 0")
@@ -133,7 +146,7 @@ class Sampler:
         if 0 < p.top_k < len(x):  # carry on with the survivors only: same draw, a fraction of the work
             ids = np.flatnonzero(np.isfinite(x))
             x = x[ids]
-        choice = draw(apply_top_p(x, p.top_p), self.rng)
+        choice = draw(apply_min_p(apply_top_p(x, p.top_p), p.min_p), self.rng)
         return choice if ids is None else int(ids[choice])
 
 

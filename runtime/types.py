@@ -10,9 +10,12 @@ from typing import Any
 #    "content": str | list[part]}
 # where a part is one of
 #   {"type": "text", "text": str}
-#   {"type": "image", "image": PIL.Image.Image}
+#   {"type": "image", "image": PIL.Image.Image | str, "max_slices": int}  # str: path, URL, data URI, base64;
+#                                                     # max_slices (optional): at most this many slices (1: none)
 #   {"type": "audio", "audio": np.ndarray}        # float32 mono 16 kHz samples
-#   {"type": "video", "frames": list[PIL.Image.Image]}
+#   {"type": "video", "frames": list[PIL.Image.Image | str], "max_slices": int}  # max_slices default 2
+# An assistant message may also carry "token_ids": the ids the model generated for it (its stop token
+# left out); they are then fed back as they are, not re-tokenized from the text.
 Message = dict[str, Any]
 
 
@@ -22,6 +25,7 @@ class GenerationParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # keep tokens at least this likely relative to the most likely one; 0 = off
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -5,6 +5,12 @@
 2. The chat template (jinja2, rendered like Hugging Face's apply_chat_template) wraps the messages.
 3. Each marker is replaced by its placeholder text (image id, <image><unk>*64</image>, slice rows).
 4. The text is tokenized; image bounds are read back from the ids: one [start, end) per slice.
+
+An assistant message with text only is history, not input: its text may hold any token text (the
+model's own replies contain `</image>`, `<ref>`, ...), tokenized with special tokens parsed as
+upstream does, and its positions are left out of the image and audio bound search. When it carries
+`token_ids` (the ids the model produced, as `minicpmo chat` keeps them), those ids are used as they
+are, so a reply fed back gives the same ids and the KV cache keeps all of it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +35,7 @@ from .image import SlicingParams, image_placeholder
 IMAGE_MARKER = "(<image>./</image>)"
 AUDIO_MARKER = "(<audio>./</audio>)"
 _MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(AUDIO_MARKER)})")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SPECIAL_KEYS = ("im_start", "im_end", "slice_start", "slice_end", "unk", "im_id_start", "im_id_end")
 AudioPlaceholder = Callable[[int], str]  # i-th audio clip of the conversation -> its placeholder text
 
@@ -38,6 +45,11 @@ class Prompt:
     token_ids: np.ndarray  # int64 [T]
     image_bounds: np.ndarray  # int64 [n_slices, 2]: [start, end) of each slice's query_num rows
     text: str  # the expanded prompt text that was tokenized
+    history: np.ndarray | None = None  # bool [T]: positions of assistant history (no media bounds there)
+
+    def searchable_ids(self) -> np.ndarray:
+        """The ids with assistant history masked out (-1): where media bound tokens are looked for."""
+        return self.token_ids if self.history is None else np.where(self.history, -1, self.token_ids)
 
 
 def _no_audio(i: int) -> str:
@@ -158,27 +170,105 @@ def build_prompt(messages: list[Message], grids: list[tuple[int, int] | None], t
         params: slicing constants (query_num, use_image_id, slice_mode).
         special: token strings from the manifest: im_start, im_end, slice_start, slice_end, unk,
             im_id_start, im_id_end.
-        audio_placeholder: text for the i-th audio clip; the default raises (audio is not wired yet).
+        audio_placeholder: text for the i-th audio clip; the default refuses audio (the pipeline passes one).
     """
     missing = [k for k in SPECIAL_KEYS if k not in special]
     if missing:
         raise BundleError(f"special tokens missing from the manifest: {', '.join(missing)}")
     _check_messages(messages)
     kinds: list[str] = []
-    rendered = [{"role": m["role"], "content": _checked_text(m, i, kinds, special)}
-                for i, m in enumerate(messages)]
+    tag = f"\x00{secrets.token_hex(8)}:"  # stands for an assistant history message until tokenizing
+    rendered = [_template_message(m, i, tag, kinds, special) for i, m in enumerate(messages)]
     n_visual = sum(kind != "audio" for kind in kinds)
     if len(grids) != n_visual:
         raise ValueError(f"{len(grids)} grids given for {n_visual} images and video frames")
     text = render_chat(rendered, chat_template, add_generation_prompt)
     text = _expand_markers(text, kinds, grids, params, special, audio_placeholder)
-    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-    bounds = image_bounds(ids, tokenizer, special)
+    ids, history, text = _tokenize_with_history(text, tag, messages, tokenizer)
+    prompt = Prompt(ids, np.zeros((0, 2), dtype=np.int64), text, history)
+    bounds = image_bounds(prompt.searchable_ids(), tokenizer, special)
     expected = sum(1 + (g[0] * g[1] if g and params.slice_mode else 0) for g in grids)
     if len(bounds) != expected or np.any(bounds[:, 1] - bounds[:, 0] != params.query_num):
         raise InputError("the prompt's image placeholders do not line up with its images; does a message "
                          "contain image tokens as text?", param="messages")
-    return Prompt(ids, bounds, text)
+    prompt.image_bounds = bounds
+    return prompt
+
+
+def _template_message(message: Message, index: int, tag: str, kinds: list[str],
+                      special: dict[str, str]) -> dict[str, Any]:
+    """What the chat template sees of one message: its text (a history message's as a tag that
+    _tokenize_with_history replaces) and an assistant's tool calls."""
+    out: dict[str, Any] = {"role": message["role"]}
+    if _is_history(message):
+        has_text = bool(message_text(message, index, [])) or message.get("token_ids")
+        out["content"] = f"{tag}{index}\x00" if has_text else ""
+    else:
+        out["content"] = _checked_text(message, index, kinds, special)
+    if message.get("tool_calls"):
+        out["tool_calls"] = message["tool_calls"]
+    return out
+
+
+def _is_history(message: Message) -> bool:
+    """An assistant message of text only (or with the token ids it was generated as)."""
+    if message["role"] != "assistant":
+        return False
+    content = message.get("content")
+    if not isinstance(content, list):
+        return True
+    return all(isinstance(p, str) or (isinstance(p, dict) and p.get("type") == "text") for p in content)
+
+
+def _history_ids(message: Message, index: int) -> list[int] | None:
+    ids = message.get("token_ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list | tuple | np.ndarray) or not all(
+            isinstance(t, int | np.integer) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise InputError(f"messages[{index}].token_ids must be a list of non-negative token ids",
+                         param=f"messages[{index}].token_ids")
+    return [int(t) for t in ids]
+
+
+def _tokenize_with_history(text: str, tag: str, messages: list[Message], tokenizer):
+    """Token ids of the expanded prompt, the mask of assistant history positions, and the prompt text.
+
+    The text around history messages is tokenized in one piece with the history text in it (as
+    upstream tokenizes the whole prompt); a message with token_ids splits the text there and its ids
+    go in as they are."""
+    pieces = re.split(f"{re.escape(tag)}(\\d+)\x00", text)
+    ids: list[int] = []
+    mask: list[bool] = []
+    pending, spans, full = "", [], []
+
+    def flush() -> None:
+        nonlocal pending
+        if pending:
+            piece_ids, offsets = tokenizer.encode_with_offsets(pending)
+            ids.extend(piece_ids)
+            mask.extend(any(s < b and a < e for s, e in spans) for a, b in offsets)
+        pending = ""
+        spans.clear()
+
+    for k, piece in enumerate(pieces):
+        if k % 2 == 0:
+            pending += piece
+            full.append(piece)
+            continue
+        index = int(piece)
+        content = message_text(messages[index], index, [])
+        full.append(content)
+        given = _history_ids(messages[index], index)
+        if given is None:
+            spans.append((len(pending), len(pending) + len(content)))
+            pending += content
+        else:
+            flush()
+            ids.extend(given)
+            mask.extend([True] * len(given))
+    flush()
+    return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), "".join(full)
 
 
 def _checked_text(message: Message, index: int, kinds: list[str], special: dict[str, str]) -> str:

@@ -4,6 +4,7 @@ at most 64 frames (uniformly thinned beyond that), each frame an image with no i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from PIL import Image
@@ -22,12 +23,19 @@ def uniform_sample(items: list, n: int) -> list:
     return [items[int(i * gap + gap / 2)] for i in range(n)]
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers in names by value: frame_2 before frame_10."""
+    return [(0, int(piece), piece) if piece.isdigit() else (1, piece.lower(), piece)
+            for piece in re.split(r"(\d+)", name) if piece]
+
+
 def load_frame_dir(folder: str | Path, *, max_frames: int = 64) -> list[Image.Image]:
-    """Frames from a folder of images, in file-name order."""
+    """Frames from a folder of images, in natural name order (frame_2 before frame_10)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder of frames", param="frames")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES),
+                   key=lambda p: natural_key(p.name))
     if not files:
         raise InputError(f"{folder}: holds no image files ({', '.join(sorted(FRAME_SUFFIXES))})", param="frames")
     return [load_image(str(p)) for p in uniform_sample(files, max_frames)]

@@ -21,7 +21,10 @@ log = logging.getLogger(__name__)
 
 # A string right after a list index in a validation error's location is the discriminated-union tag
 # (the role of a message, the type of a content part), not a field name: it is left out of `param`.
-_UNION_TAGS = {"system", "developer", "user", "assistant", "text", "image_url", "input_audio"}
+# The model names pydantic puts in a location for a member of a plain (not discriminated) union.
+_UNION_MODELS = {"ImageURL"}
+_UNION_TAGS = {"system", "developer", "user", "assistant", "tool", "text", "image_url", "input_audio",
+               "video_frames"}
 
 
 class ApiError(Exception):
@@ -38,6 +41,16 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    def log_text(self) -> str:
+        """The reason as the request log line shows it: code, param and message."""
+        param = f" ({self.param})" if self.param else ""
+        return f"{self.code or self.type}{param}: {self.message}"
+
+
+def _respond(request: Request, err: ApiError) -> JSONResponse:
+    request.state.error = err.log_text()  # the request log line carries the reason of every error
+    return err.response()
 
 
 def from_input_error(e: InputError) -> ApiError:
@@ -87,7 +100,7 @@ def _param_path(loc: list[Any]) -> str:
             out, after_index = f"{out}[{part}]", True
             continue
         part = str(part)
-        skip = ("[" in part or part in ("str", "int", "float", "bool", "none")
+        skip = ("[" in part or part in ("str", "int", "float", "bool", "none") or part in _UNION_MODELS
                 or (after_index and part in _UNION_TAGS))
         after_index = False
         if not skip:
@@ -100,25 +113,25 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
+        return _respond(request, exc)
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError) -> JSONResponse:
-        return from_input_error(exc).response()
+        return _respond(request, from_input_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(list(exc.errors())).response()
+        return _respond(request, validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         err = ApiError(exc.status_code, str(exc.detail), type=kind, code=code, headers=exc.headers)
-        return err.response()
+        return _respond(request, err)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         request_id = getattr(request.state, "request_id", "-")
         log.error("request %s failed", request_id, exc_info=exc)
-        return internal_error(request_id).response()
+        return _respond(request, internal_error(request_id))

@@ -7,8 +7,11 @@ loaded), GET /metrics (Prometheus text). With an API key set, /v1/* and /metrics
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
+import secrets
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import MiniCPMOError
 from .api_errors import ApiError, install_handlers
-from .completions import ServerState, chat_completion, not_ready
+from .completions import ServerState, chat_completion, not_ready, served_names
 from .media import MediaPolicy
 from .metrics import ServerMetrics
 from .schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
@@ -62,7 +65,12 @@ def create_app(pipeline_or_factory: Any, settings: ServerSettings | None = None)
     app = FastAPI(title="minicpmo-onnx", summary="OpenAI-compatible MiniCPM-o server", lifespan=lifespan)
     app.state.server = state
     install_handlers(app)
-    app.add_middleware(RequestLog, state=state)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestLog, state=state)  # outermost: it logs what CORS answers too
     app.include_router(_public_routes(state))
     app.include_router(_api_routes(state), dependencies=[Depends(_api_key_check(settings.api_key))])
     return app
@@ -110,12 +118,12 @@ def _api_routes(state: ServerState) -> APIRouter:
 
     @router.get("/v1/models", response_model=ModelList)
     def list_models() -> dict:
-        return ModelList(data=[_model_card(state)]).model_dump()
+        return ModelList(data=_model_cards(state)).model_dump()
 
     @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
     def get_model(model_id: str) -> dict:
-        card = _model_card(state)
-        if model_id != card.id:
+        card = next((c for c in _model_cards(state) if c.id == model_id), None)
+        if card is None:
             raise ApiError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
         return card.model_dump()
 
@@ -127,12 +135,13 @@ def _api_routes(state: ServerState) -> APIRouter:
     return router
 
 
-def _model_card(state: ServerState) -> ModelCard:
+def _model_cards(state: ServerState) -> list[ModelCard]:
     worker = state.worker
     if worker.state != "ready":
         raise not_ready(worker)
     p = worker.pipeline
-    return ModelCard(id=p.model_name, created=int(state.started), context_length=p.context_length)
+    return [ModelCard(id=name, created=int(state.started), context_length=p.context_length)
+            for name in served_names(state)]
 
 
 class RequestLog:
@@ -145,16 +154,22 @@ class RequestLog:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0, status = time.monotonic(), [500]
+        info = scope.setdefault("state", {})
+        info["request_id"] = f"req-{secrets.token_hex(8)}"  # the chat route replaces it with its completion id
 
         async def send_status(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                headers = list(message.get("headers", ()))
+                headers.append((b"x-request-id", info["request_id"].encode()))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
             if _too_large(scope, self.state.settings.max_request_bytes):
                 err = ApiError(413, f"request body is larger than {self.state.settings.max_request_bytes} bytes",
                                code="request_too_large")
+                info["error"] = err.log_text()
                 return await err.response()(scope, receive, send_status)
             await self.app(scope, receive, send_status)
         finally:
@@ -172,8 +187,9 @@ class RequestLog:
         tokens = f" prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens}" if usage else ""
         queue = f" queue={info['queue_seconds']:.3f}s" if "queue_seconds" in info else ""
         level = logging.DEBUG if route in ("/health", "/metrics") and status < 400 else logging.INFO
-        log.log(level, "%s %s %s %d%s%s latency=%.3fs", info.get("request_id", "-"), scope.get("method"), path,
-                status, tokens, queue, seconds)
+        error = f" error={info['error']}" if status >= 400 and info.get("error") else ""
+        log.log(level, "%s %s %s %d%s%s latency=%.3fs%s", info.get("request_id", "-"), scope.get("method"), path,
+                status, tokens, queue, seconds, error)
 
 
 def _too_large(scope, limit: int) -> bool:
@@ -193,14 +209,41 @@ def serve(pipeline_factory: Callable[[], Any], settings: ServerSettings) -> None
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    sock = bind_socket(settings.host, settings.port)  # before the model loads: a port in use fails at once
     app = create_app(pipeline_factory, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     worker: Worker = app.state.server.worker
     worker.on_load_failed.append(lambda _message: setattr(server, "should_exit", True))
-    log.info("serving %s on http://%s:%d (model loads in the background; /health is 503 until then)",
-             settings.model_dir or "the model", settings.host, settings.port)
-    server.run()
+    host, port = sock.getsockname()[:2]
+    log.info("serving %s on http://%s:%d (model loads in the background; /health is 503 until then; API docs "
+             "at /docs)", settings.model_dir or "the model", f"[{host}]" if ":" in host else host, port)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     if worker.state == "failed":
         raise MiniCPMOError(worker.load_error or "the model failed to load")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port; MiniCPMOError with one clear line when that fails."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise MiniCPMOError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise MiniCPMOError(f"port {port} on {host} is already in use (another server?); choose another "
+                                "with --port") from None
+        raise MiniCPMOError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock

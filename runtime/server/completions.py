@@ -36,6 +36,7 @@ from .schemas import (
     Delta,
     ResponseMessage,
     UsageInfo,
+    log_ignored_fields,
     unsupported,
 )
 from .settings import ServerSettings
@@ -59,16 +60,23 @@ class ServerState:
     started: float = field(default_factory=time.time)
 
 
+def served_names(state: ServerState) -> tuple[str, ...]:
+    """The model ids this server answers to; the first is the one its replies name."""
+    return state.settings.served_model_names or (state.worker.pipeline.model_name,)
+
+
 def generation_params(req: ChatCompletionRequest, context_length: int, settings: ServerSettings) -> GenerationParams:
     """The request's sampling settings with the documented defaults filled in."""
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     max_tokens = req.max_completion_tokens or req.max_tokens or settings.default_max_tokens or context_length
+    repetition_penalty = req.repetition_penalty if req.repetition_penalty is not None else req.repeat_penalty
     return GenerationParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=max(req.top_k or 0, 0),
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        min_p=req.min_p or 0.0,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         seed=req.seed,
@@ -84,13 +92,14 @@ async def chat_completion(req: ChatCompletionRequest, request: Request, state: S
     request_id = f"chatcmpl-{secrets.token_hex(12)}"
     request.state.request_id = request_id
     pipeline = _check_request(req, state)
+    log_ignored_fields(req)
     params = generation_params(req, pipeline.context_length, state.settings)
     if state.worker.full():  # refuse before downloading / decoding any image
         raise _queue_full(state.worker.retry_after())
     messages = await run_in_threadpool(to_runtime_messages, req.messages, state.media)
     job = Job(request_id, messages, params, asyncio.get_running_loop(), submitted_at=arrived)
     _submit(job, state.worker)
-    run = _Run(job, request, state, pipeline.model_name, arrived + state.settings.request_timeout)
+    run = _Run(job, request, state, served_names(state)[0], arrived + state.settings.request_timeout)
     handed_over = False  # once the stream exists, it owns the job
     try:
         first = await run.next_event()
@@ -111,9 +120,10 @@ def _check_request(req: ChatCompletionRequest, state: ServerState):
     pipeline = state.worker.pipeline
     if state.worker.state != "ready":
         raise not_ready(state.worker)
-    if req.model != pipeline.model_name:
-        raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{pipeline.model_name}'",
-                       param="model", code="model_not_found")
+    names = served_names(state)
+    if req.model not in names:
+        raise ApiError(404, f"The model '{req.model}' does not exist; this server serves "
+                       f"{', '.join(repr(n) for n in names)}", param="model", code="model_not_found")
     problem = unsupported(req)
     if problem is not None:
         raise ApiError(400, problem[1], param=problem[0], code="unsupported_parameter")
@@ -206,6 +216,7 @@ class _Run:
         except ApiError as e:  # headers are sent already: report in the stream, as OpenAI does
             ended = True
             self.request.state.status_override = e.status
+            self.request.state.error = e.log_text()
             yield f"data: {_json(e.body())}\n\n"
         finally:
             self.job.cancelled.set()

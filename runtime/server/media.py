@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..preprocess.image import load_image, open_image_bytes
 from ..preprocess.image_io import short
 from ..types import Message
 from .fetch import FetchPolicy, fetch_url
-from .schemas import AudioPart, ChatMessage, ImagePart, TextPart, VideoPart
+from .schemas import AudioPart, ChatMessage, ImagePart, TextPart, ToolCall, VideoPart
 from .settings import ServerSettings
 
 _MAX_PATH_CHARS = 4096
@@ -56,20 +57,37 @@ def to_runtime_messages(messages: list[ChatMessage], policy: MediaPolicy) -> lis
         content = m.content if m.content is not None else ""
         if isinstance(content, list):
             content = [_part(part, policy, f"messages[{i}].content[{j}]") for j, part in enumerate(content)]
-        out.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if getattr(m, "tool_calls", None):
+            message["tool_calls"] = [_tool_call(call) for call in m.tool_calls]
+        out.append(message)
     return out
+
+
+def _tool_call(call: ToolCall) -> dict:
+    """A tool call as chat templates take it: arguments as an object (OpenAI sends a JSON string)."""
+    arguments = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass  # not JSON: the template writes the string as it is
+    return {"type": "function", "id": call.id, "function": {"name": call.function.name, "arguments": arguments}}
 
 
 def _part(part: TextPart | ImagePart | AudioPart | VideoPart, policy: MediaPolicy, param: str) -> dict:
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
     if isinstance(part, ImagePart):
-        param = f"{param}.image_url.url"
+        param = f"{param}.image_url" + ("" if isinstance(part.image_url, str) else ".url")
         try:
-            return {"type": "image", "image": load_image_url(part.image_url.url, policy)}
+            image = {"type": "image", "image": load_image_url(part.url, policy)}
         except InputError as e:
             e.param = param
             raise
+        if part.detail == "low":  # OpenAI's low detail: one 512 px view; here the whole image, no slices
+            image["max_slices"] = 1
+        return image
     if isinstance(part, VideoPart):
         frames = []
         for k, url in enumerate(part.video_frames.frames):

@@ -2,19 +2,28 @@
 
 Requests are strict: wrong JSON types are refused instead of coerced ("10" is not an int), and unknown
 fields are refused, as the OpenAI API does, so a typo ("max_token", "imageurl") is a 400 rather than a
-silently ignored setting. Fields that clients commonly send and that change nothing here (user,
-metadata, store...) are declared and ignored; fields that would change the output and are not
-implemented (tools, logprobs, response_format json...) are declared and refused by `unsupported()`.
+silently ignored setting. Three kinds of declared fields:
+- used: the sampling fields, stop, stream, the extensions top_k, min_p, repetition_penalty (and
+  llama.cpp's name repeat_penalty), cache_prompt, lookup;
+- ignored (IGNORED_FIELDS; logged once at debug): fields of OpenAI and of other OpenAI-compatible
+  servers that change nothing in the reply here (user, metadata, store, OpenRouter's provider...),
+  and on messages `name`, `tool_call_id`, `cache_control` (prompt-caching hints);
+- refused by `unsupported()` unless at their "off" value: features that would change the output and
+  are not implemented (n > 1, tools, logprobs, logit_bias, response_format json, audio output).
+An assistant message may carry `tool_calls` and `tool` messages may follow it: a history from a client
+that uses tools elsewhere is rendered by the model's chat template (its <tool_call> format).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from ..sampler import MAX_LOOKUP
 
+log = logging.getLogger(__name__)
 _STRICT = ConfigDict(extra="forbid", strict=True)
 _OUT = ConfigDict(extra="forbid")
 
@@ -22,6 +31,8 @@ _OUT = ConfigDict(extra="forbid")
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 = greedy. Default 1.")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, description="Default 1 (off).")]
 TopK = Annotated[int, Field(ge=-1, description="0 or -1 = off (default).")]
+MinP = Annotated[float, Field(ge=0.0, le=1.0, description="Drop tokens below this share of the best one's "
+                                                          "probability; 0 = off (default).")]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, description="Default 0.")]
 Lookup = Annotated[int, Field(ge=0, le=MAX_LOOKUP, description="Prompt lookup draft tokens per step; 0 = off.")]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="1 = off (default).")]
@@ -29,22 +40,36 @@ MaxTokens = Annotated[int, Field(ge=1)]
 StopText = Annotated[str, Field(min_length=1)]
 
 
+CacheControl = Annotated[dict[str, Any] | None, Field(None, description="Prompt-caching hint; ignored.")]
+
+
 class TextPart(BaseModel):
     model_config = _STRICT
     type: Literal["text"]
     text: str
+    cache_control: CacheControl = None
 
 
 class ImageURL(BaseModel):
     model_config = _STRICT
     url: str = Field(min_length=1, description="http(s) URL, data: URI, raw base64, or an allowed local path")
-    detail: Literal["auto", "low", "high"] | None = None  # accepted; slicing is decided by the model
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None, description="low: one slice (the whole image at 448 px, 64 tokens); auto/high: up to 9 slices.")
 
 
 class ImagePart(BaseModel):
     model_config = _STRICT
     type: Literal["image_url"]
-    image_url: ImageURL
+    image_url: ImageURL | Annotated[str, Field(min_length=1)]  # a bare string: the url (vLLM accepts it too)
+    cache_control: CacheControl = None
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
+
+    @property
+    def detail(self) -> str | None:
+        return None if isinstance(self.image_url, str) else self.image_url.detail
 
 
 class InputAudio(BaseModel):
@@ -57,6 +82,7 @@ class AudioPart(BaseModel):
     model_config = _STRICT
     type: Literal["input_audio"]
     input_audio: InputAudio
+    cache_control: CacheControl = None
 
 
 class VideoFrames(BaseModel):
@@ -91,15 +117,40 @@ class UserMessage(BaseModel):
     name: str | None = None
 
 
+class ToolCallFunction(BaseModel):
+    model_config = _STRICT
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI sends a JSON string; the template gets the parsed object
+
+
+class ToolCall(BaseModel):
+    model_config = _STRICT
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+    index: int | None = None  # present in some clients' accumulated stream deltas
+
+
 class AssistantMessage(BaseModel):
     model_config = _STRICT
     role: Literal["assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
-ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+class ToolMessage(BaseModel):
+    """A tool's result in a history (rendered as the template's <tool_response>)."""
+
+    model_config = _STRICT
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
 
 
 class StreamOptions(BaseModel):
@@ -118,9 +169,11 @@ class ChatCompletionRequest(BaseModel):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = None
+    min_p: MinP | None = None
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
     repetition_penalty: RepetitionPenalty | None = None
+    repeat_penalty: RepetitionPenalty | None = None  # llama.cpp's name for repetition_penalty
     seed: int | None = None
     stop: StopText | list[StopText] | None = Field(None, max_length=16)
     n: int | None = None  # only 1 is served
@@ -128,7 +181,7 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     cache_prompt: bool | None = None  # extension (llama.cpp server's name): false = no KV prefix reuse
     lookup: Lookup | None = None  # extension: prompt lookup draft tokens per step (the server's default)
-    # accepted and ignored
+    # accepted and ignored (IGNORED_FIELDS): OpenAI's ...
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -136,6 +189,13 @@ class ChatCompletionRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+    # ... and other OpenAI-compatible servers': llama.cpp's slot, vLLM's priority, OpenRouter's routing
+    id_slot: int | None = None
+    priority: int | None = None
+    provider: dict[str, Any] | None = None
+    transforms: list[str] | None = None
+    route: str | None = None
+    models: list[str] | None = None
     # accepted only at their "off" value (see unsupported())
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -149,8 +209,22 @@ class ChatCompletionRequest(BaseModel):
     audio: dict[str, Any] | None = None  # audio output settings
 
 
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+                  "safety_identifier", "id_slot", "priority", "provider", "transforms", "route", "models")
+_logged_ignored: set[str] = set()  # each ignored field is logged once per process
+
+
+def log_ignored_fields(req: ChatCompletionRequest) -> None:
+    for name in sorted(req.model_fields_set & set(IGNORED_FIELDS) - _logged_ignored):
+        _logged_ignored.add(name)
+        log.debug("request field %r is accepted for compatibility and ignored (it changes nothing here)", name)
+
+
 def unsupported(req: ChatCompletionRequest) -> tuple[str, str] | None:
     """(param, message) for the first requested feature this server does not implement, else None."""
+    if (req.repetition_penalty is not None and req.repeat_penalty is not None
+            and req.repetition_penalty != req.repeat_penalty):
+        return "repeat_penalty", "repeat_penalty and repetition_penalty are the same setting; they differ here"
     if req.n is not None and req.n != 1:
         return "n", f"n must be 1 (this server returns a single choice), got {req.n}"
     if req.logprobs or req.top_logprobs:

@@ -25,13 +25,15 @@ class ServerSettings:
     max_image_bytes: int = 20 * 1024 * 1024  # encoded size of one image, whatever its source
     max_image_pixels: int = 40_000_000  # width*height, checked from the header before decoding
     request_timeout: float = 600.0  # seconds from arrival (queue wait + generation)
+    served_model_names: tuple[str, ...] = ()  # ids clients may ask for; the first is reported [bundle name]
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any)
+    default_max_tokens: int | None = None  # None: until a stop token or the end of the context
 
     allow_urls: bool = True  # False: refuse every http(s) image URL (offline servers, fuzz tests)
     url_timeout: float = 10.0  # seconds for one image download, all redirects included
     max_redirects: int = 3
     max_images_per_request: int = 16
     max_request_bytes: int = 64 * 1024 * 1024  # whole JSON body (base64 images make it large)
-    default_max_tokens: int | None = None  # None: until a stop token or the end of the context
     default_lookup: int = 0  # prompt lookup draft tokens for requests that do not set `lookup`
 
     def __post_init__(self) -> None:
@@ -50,6 +52,11 @@ class ServerSettings:
             raise ValueError(f"default_lookup must be in 0..{MAX_LOOKUP}, got {self.default_lookup!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty")
+        names = tuple(self.served_model_names)
+        if any(not isinstance(n, str) or not n.strip() for n in names):
+            raise ValueError(f"served model names must be non-empty, got {list(names)!r}")
+        object.__setattr__(self, "served_model_names", names)
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         if self.allowed_local_media is not None:
             folder = Path(self.allowed_local_media).expanduser().resolve()
             if not folder.is_dir():

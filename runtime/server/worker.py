@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, MiniCPMOError
 from ..types import GenerationParams, Message
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class Worker:
         except Exception as e:  # any load failure is reported by /health and the serve command
             self.load_error = f"the model failed to load: {e}"
             self.state = "failed"
-            log.error("%s", self.load_error, exc_info=not isinstance(e, InputError | OSError))
+            log.error("%s", self.load_error, exc_info=not isinstance(e, MiniCPMOError | OSError))  # ours: one line
             for callback in self.on_load_failed:
                 callback(self.load_error)
             return False

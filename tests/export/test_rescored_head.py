@@ -16,7 +16,7 @@ from minicpmo.export.ops import RESCORE_CANDIDATES, SCAN2_BLOCK, rescored_head
 from minicpmo.export.options import ExportOptions
 from minicpmo.export.quant import dequantize_weight, quantize_weight
 from minicpmo.runtime.errors import BundleError
-from minicpmo.runtime.manifest import load_manifest
+from minicpmo.runtime.manifest import load_manifest, write_manifest
 from minicpmo.runtime.pipeline import Pipeline
 from minicpmo.runtime.sessions import load_resident_initializers
 from minicpmo.runtime.types import GenerationParams
@@ -178,10 +178,10 @@ def test_rescore_tables_are_loaded_by_the_runtime(exact_bundles, tmp_path):
     shutil.copytree(bundle, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["decoder"]["resident_initializers"][0]["offset"] = (broken / "decoder.onnx.data").stat().st_size
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(broken, manifest)  # with matching digests: the table check itself must refuse it
     with pytest.raises(BundleError, match="too short"):
         Pipeline.load(broken, provider="cpu", context_length=64)
     manifest["decoder"]["resident_initializers"][0] |= {"offset": 0, "dtype": "object"}
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(broken, manifest)
     with pytest.raises(BundleError, match="bad dtype"):
         Pipeline.load(broken, provider="cpu", context_length=64)

@@ -1,4 +1,4 @@
-"""`minicpmo bench` end to end on a tiny bundle: every figure the issue asks for is there and sane
+"""`minicpmo bench` end to end on a tiny bundle: every figure it reports is there and sane
 (the speeds themselves are machine-dependent and asserted nowhere)."""
 
 from __future__ import annotations

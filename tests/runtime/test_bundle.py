@@ -53,6 +53,71 @@ def test_altered_file(bundle_copy, name):
         Pipeline.load(bundle_copy, verify=True)
 
 
+@pytest.fixture
+def manifest_view(int4_bundle, tmp_path):
+    """The bundle's files linked, its manifest copied: a manifest to edit without copying the weights."""
+    dst = tmp_path / "view"
+    dst.mkdir()
+    for f in int4_bundle.iterdir():
+        if f.name == "manifest.json":
+            shutil.copy(f, dst / f.name)
+        else:
+            (dst / f.name).symlink_to(f)
+    return dst
+
+
+EDITS = [("decoder", "num_layers", 3, "decoder.num_layers is 3, but decoder.onnx has 2"),
+         ("decoder", "vocab_size", 7, "decoder.vocab_size is 7, but decoder.onnx has"),
+         ("decoder", "num_kv_heads", 5, "decoder.num_kv_heads is 5"),
+         ("decoder", "kv_dtype", "float16", "decoder.kv_dtype is 'float16'"),
+         ("preprocessing", "patch_size", 16, "preprocessing.patch_size is 16, but vision.onnx has 14"),
+         ("preprocessing", "query_num", 32, "preprocessing.query_num is 32"),
+         ("vision", "output_name", "embeds", "vision.output_name names 'embeds'")]
+
+
+@pytest.mark.parametrize("section, field, value, graph_message", EDITS)
+def test_an_edited_manifest_field_is_named(manifest_view, section, field, value, graph_message):
+    from minicpmo.runtime.manifest import write_manifest
+
+    path = manifest_view / "manifest.json"
+    data = json.loads(path.read_text())
+    data[section][field] = value
+    path.write_text(json.dumps(data, indent=2))
+    with pytest.raises(BundleError, match=f"field '{section}.{field}' differs from its digest"):
+        Pipeline.load(manifest_view)
+    write_manifest(manifest_view, data)  # digests that agree: the graphs themselves disagree
+    with pytest.raises(BundleError, match=graph_message):
+        Pipeline.load(manifest_view)
+    del data["digests"]  # a manifest without digests is checked against the graphs as well
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=graph_message):
+        Pipeline.load(manifest_view)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('"num_layers"', '"num_layerz"', "field 'decoder.num_layers' is missing"),
+    ('"patch_size": 14', '"patch_size": 15', "field 'preprocessing.patch_size' differs"),
+    ('"stop_token_ids": [', '"stop_token_ids": [1, ', "field 'tokenizer.stop_token_ids' differs"),
+    ('"format_version": 1,', '"format_version": 1, "extra": 2,', "field 'extra' was added after export"),
+])
+def test_a_flipped_manifest_byte_is_named(manifest_view, old, new, message):
+    path = manifest_view / "manifest.json"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))  # the first occurrence: the field, not its digest
+    with pytest.raises(BundleError, match=message):
+        Pipeline.load(manifest_view)
+
+
+def test_a_missing_field_is_named_not_a_key_error(manifest_view):
+    path = manifest_view / "manifest.json"
+    data = json.loads(path.read_text())
+    del data["digests"], data["decoder"]["head_dim"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="missing field 'decoder.head_dim'"):
+        Pipeline.load(manifest_view)
+
+
 def test_manifest_problems(bundle_copy, tmp_path):
     manifest = bundle_copy / "manifest.json"
     data = json.loads(manifest.read_text())

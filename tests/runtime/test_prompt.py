@@ -172,3 +172,66 @@ def test_grid_count_and_special_tokens_are_checked(tok, template):
         build_prompt([user(IMAGE, IMAGE)], [None], tok, template, PARAMS, SPECIAL)
     with pytest.raises(BundleError, match="unk"):
         build_prompt([user("x")], [], tok, template, PARAMS, {k: v for k, v in SPECIAL.items() if k != "unk"})
+
+
+# -- assistant history: the model's own replies fed back -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> tuple[Tokenizer, str]:
+    """The project's small stand-in tokenizer (all MiniCPM-o special tokens), present without ../shared."""
+    from minicpmo.export.synth_tokenizer import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    build_tokenizer(folder)
+    return Tokenizer(folder), json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+
+
+REPLY = "see </image> and <ref>a cat</ref><box>1 2 3 4</box> (<image>./</image>)"
+
+
+def test_assistant_text_with_token_text_is_history_not_media(synth):
+    tok, template = synth
+    params = SlicingParams(query_num=4)
+    plain = [user(IMAGE, "hi"), {"role": "assistant", "content": "ok"}, user(IMAGE, "and this?")]
+    odd = [plain[0], {"role": "assistant", "content": REPLY}, plain[2]]
+    a = build_prompt(plain, [None, None], tok, template, params, SPECIAL)
+    b = build_prompt(odd, [None, None], tok, template, params, SPECIAL)
+    assert len(b.image_bounds) == 2
+    shift = len(b.token_ids) - len(a.token_ids)  # the second image moves by the reply's extra length
+    assert b.image_bounds.tolist() == [a.image_bounds[0].tolist(), (a.image_bounds[1] + shift).tolist()]
+    # tokenized as upstream tokenizes the whole prompt: special-token text becomes its ids
+    assert b.token_ids.tolist() == tok.encode(b.text)
+    assert tok.token_to_id("<ref>") in b.token_ids.tolist()
+    assert tok.decode(b.token_ids[b.history]).startswith("see </image>")
+    assert b.history.sum() < len(b.token_ids) // 2
+
+
+def test_assistant_token_ids_are_used_as_they_are(synth):
+    tok, template = synth
+    params = SlicingParams(query_num=4)
+    im_end = tok.token_to_id("</image>")
+    generated = [*tok.encode("x y"), im_end, *tok.encode("  z"), im_end]  # not what re-tokenizing gives
+    msgs = [user(IMAGE, "hi"), {"role": "assistant", "content": "x y</image>  z</image>", "token_ids": generated},
+            user(IMAGE, "more")]
+    prompt = build_prompt(msgs, [None, None], tok, template, params, SPECIAL)
+    ids = prompt.token_ids.tolist()
+    start = int(np.flatnonzero(prompt.history)[0])
+    assert ids[start:start + len(generated)] == generated and prompt.history.sum() == len(generated)
+    # everything before the reply is what the previous turn's prompt was (so the KV cache keeps it)
+    first = build_prompt(msgs[:1], [None], tok, template, params, SPECIAL).token_ids.tolist()
+    assert ids[:start] == first
+    assert len(prompt.image_bounds) == 2
+    for bad in ([-1], ["3"], [1.5], "12"):
+        with pytest.raises(InputError, match=r"messages\[1\].token_ids"):
+            build_prompt([msgs[0], {**msgs[1], "token_ids": bad}], [None], tok, template, params, SPECIAL)
+
+
+def test_user_text_with_media_markers_is_still_refused(synth):
+    tok, template = synth
+    for text in ("(<image>./</image>)", "<slice>", "</image>"):
+        with pytest.raises(InputError, match="reserved text"):
+            build_prompt([user(text)], [], tok, template, PARAMS, SPECIAL)
+    # an assistant message holding media is input, and its text is checked as a user's is
+    msgs = [user("hi"), {"role": "assistant", "content": [IMAGE, {"type": "text", "text": "<slice>"}]}]
+    with pytest.raises(InputError, match="reserved text"):
+        build_prompt(msgs, [None], tok, template, PARAMS, SPECIAL)

@@ -9,6 +9,7 @@ import pytest
 
 from minicpmo.runtime.errors import InputError
 from minicpmo.runtime.sampler import (
+    apply_min_p,
     apply_penalties,
     apply_top_k,
     apply_top_p,
@@ -160,3 +161,25 @@ def test_top_k_shortcut_draws_the_same_token_as_the_full_vector():
     for _ in range(100):
         x = apply_penalties(logits, history, 20, repetition_penalty=1.05) / 0.7
         assert sampler(logits, history, 20) == draw(apply_top_p(apply_top_k(x, 50), 0.8), reference_rng)
+
+
+@pytest.mark.parametrize("min_p, expected", [
+    (0.0, [0, 1, 2, 3]),
+    (0.11, [0, 1, 2]),  # 0.05 < 0.11 * 0.5
+    (0.29, [0, 1, 2]),  # 0.15 > 0.29 * 0.5
+    (0.61, [0]),  # 0.3 < 0.305
+    (1.0, [0]),
+])
+def test_min_p(min_p, expected):
+    x = logits_of([0.5, 0.3, 0.15, 0.05])
+    assert kept(apply_min_p(x, min_p)) == expected
+    assert kept(apply_min_p(np.where(np.arange(4) == 0, NEG, x), 0.55)) == [1]  # relative to the best left
+
+
+def test_min_p_in_the_sampler_never_draws_a_dropped_token():
+    probs = [0.5, 0.3, 0.15, 0.05]
+    sampler = make_sampler(GenerationParams(temperature=1.0, min_p=0.4, seed=0))
+    drawn = {sampler(logits_of(probs), np.zeros(0, dtype=np.int64), 0) for _ in range(300)}
+    assert drawn == {0, 1}
+    with pytest.raises(InputError, match="min_p"):
+        make_sampler(GenerationParams(min_p=1.5))

@@ -182,7 +182,7 @@ BAD_BODIES = [
      "unknown_field", "max_token"),
     ({"model": "fake-model", "messages": [{"role": "user", "content": 5}]}, 400, "invalid_value",
      "messages[0].content"),
-    ({"model": "fake-model", "messages": [{"role": "tool", "content": "x"}]}, 400, "invalid_value", "messages[0]"),
+    ({"model": "fake-model", "messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value", "messages[0]"),
     ({"model": "fake-model", "messages": [{"role": "user", "content": "x", "colour": 1}]}, 400, "unknown_field",
      "messages[0].colour"),
     ({"model": "fake-model", "messages": [user({"type": "image_url", "image_url": {"url": 5}})]}, 400,
