@@ -264,7 +264,7 @@ def export_row(checkpoint: Path, work: Path, row: str) -> Path:
         opts["kv_calibration_text"] = str(text)
     t0 = time.perf_counter()
     export_bundle(checkpoint, out, ExportOptions(audio=False, **opts), overwrite=True,
-                  progress=lambda stage, i, n: log.debug("%s %s %d/%d", row, stage, i, n))
+                  progress=lambda stage, i, n, *unit: log.debug("%s %s %d/%d", row, stage, i, n))
     log.info("exported %s in %.0f s", row, time.perf_counter() - t0)
     return out
 

@@ -119,6 +119,20 @@ def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path |
     click.echo(str(path))
 
 
+def _pairs(specs: tuple[str, ...], flag: str, kind) -> tuple:
+    """'PATTERN=VALUE' strings -> ((pattern, value), ...); ExportOptions checks the values."""
+    out = []
+    for spec in specs:
+        pattern, sep, value = spec.rpartition("=")
+        if not sep or not pattern:
+            raise click.UsageError(f"{flag} takes PATTERN=VALUE, got {spec!r}")
+        try:
+            out.append((pattern, kind(value)))
+        except ValueError:
+            raise click.UsageError(f"{flag} {spec!r}: {value!r} is not a valid value") from None
+    return tuple(out)
+
+
 @cli.command()
 @click.argument("checkpoint")
 @click.option("-o", "--output", type=click.Path(path_type=Path), metavar="DIR",
@@ -145,12 +159,21 @@ def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path |
                    "prompt attention slower), static scales calibrated at export; auto: the decoder dtype.")
 @click.option("--kv-calibration-text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With --kv-cache int8: a text file to calibrate on as well (one prompt per paragraph).")
+@click.option("--imatrix-text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A text file whose activations weight the 4-bit range search (llama.cpp's importance "
+                   "matrix, measured while exporting; about 2k tokens are used).")
+@click.option("--tensor-precision", "tensor_precision", multiple=True, metavar="PATTERN=PRECISION",
+              help="A decoder layer's own precision, e.g. 'layers.*/mlp/down_proj=int8' (repeatable; "
+                   "the last match wins).")
+@click.option("--tensor-accuracy", "tensor_accuracy", multiple=True, metavar="PATTERN=LEVEL",
+              help="A decoder layer's own MatMulNBits accuracy level, e.g. 'layers.*/mlp/down_proj=0'.")
 @click.option("--no-audio", is_flag=True, help="Do not export the audio encoder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @_fail_cleanly
 def export(checkpoint: str, output: Path | None, precision: str, lm_head_precision: str | None,
            block_size: str, accuracy_level: int, vision_precision: str, decoder_dtype: str, kv_cache: str,
-           kv_calibration_text: Path | None, no_audio: bool, overwrite: bool) -> None:
+           kv_calibration_text: Path | None, imatrix_text: Path | None, tensor_precision: tuple[str, ...],
+           tensor_accuracy: tuple[str, ...], no_audio: bool, overwrite: bool) -> None:
     """Export CHECKPOINT (a local snapshot folder or a hub id) into a bundle folder.
 
     \b
@@ -164,6 +187,9 @@ def export(checkpoint: str, output: Path | None, precision: str, lm_head_precisi
                          vision_precision=vision_precision, block_size=int(block_size),
                          accuracy_level=accuracy_level, decoder_dtype=decoder_dtype, kv_cache=kv_cache,
                          kv_calibration_text=str(kv_calibration_text) if kv_calibration_text else None,
+                         imatrix_text=str(imatrix_text) if imatrix_text else None,
+                         tensor_precision=_pairs(tensor_precision, "--tensor-precision", str),
+                         tensor_accuracy=_pairs(tensor_accuracy, "--tensor-accuracy", int),
                          audio=not no_audio)
     _interrupt_on_sigterm()
     with ProgressPrinter() as progress:

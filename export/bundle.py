@@ -92,7 +92,8 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, name: str, opts: ExportOptions
     g = GraphBuilder("decoder", folder / "decoder.onnx.data")
     progress("decoder", 0, cfg.decoder.num_hidden_layers, "layers")
     build_decoder_graph(g, cfg.decoder, ckpt.read, opts, cfg.decoder.max_position_embeddings,
-                        on_error=record, progress=lambda i, n: progress("decoder", i, n, "layers"))
+                        on_error=record, progress=lambda i, n: progress("decoder", i, n, "layers"),
+                        calibration=_imatrix_sequences(ckpt, opts))
     g.save(folder / "decoder.onnx")
     graphs["decoder"] = g
     progress("embeddings", 0, 1)
@@ -113,6 +114,24 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, name: str, opts: ExportOptions
         progress("kv calibration", 0, 1)
         _use_int8_kv_cache(folder, manifest, opts, audio)
         progress("kv calibration", 1, 1)
+
+
+IMATRIX_SEQUENCE = 512  # calibration tokens per sequence (each starts from an empty context)
+
+
+def _imatrix_sequences(ckpt: Checkpoint, opts: ExportOptions) -> list[np.ndarray] | None:
+    """The importance calibration's token ids: --imatrix-text tokenized, in sequences of 512."""
+    if opts.imatrix_text is None:
+        return None
+    try:
+        text = Path(opts.imatrix_text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"imatrix text {opts.imatrix_text}: {e}") from None
+    ids = Tokenizer.from_file(str(ckpt.folder / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise ExportError(f"imatrix text {opts.imatrix_text} is empty")
+    ids = np.array(ids, dtype=np.int64)
+    return [ids[i:i + IMATRIX_SEQUENCE] for i in range(0, len(ids), IMATRIX_SEQUENCE)]
 
 
 def _use_int8_kv_cache(folder: Path, manifest: dict, opts: ExportOptions, audio: bool) -> None:
@@ -232,7 +251,8 @@ def _manifest(ckpt, name, opts, graphs, embed, tokenizer, quant_errors) -> dict:
                     "accuracy_level": opts.accuracy_level, "decoder_dtype": opts.decoder_dtype,
                     "kv_cache": opts.kv_cache,
                     "tensor_precision": [list(t) for t in opts.tensor_precision],
-                    "tensor_accuracy": [list(t) for t in opts.tensor_accuracy]},
+                    "tensor_accuracy": [list(t) for t in opts.tensor_accuracy],
+                    "imatrix": _imatrix_summary(opts)},
         "decoder": {"file": "decoder.onnx", **_graph_io(graphs["decoder"]),
                     "io": {k: getattr(DECODER_IO, k) for k in DECODER_IO.__dataclass_fields__},
                     "num_layers": d.num_hidden_layers, "num_attention_heads": d.num_attention_heads,
@@ -249,6 +269,15 @@ def _manifest(ckpt, name, opts, graphs, embed, tokenizer, quant_errors) -> dict:
                          "relative_error_mean": float(np.mean(errs)) if errs else 0.0,
                          "per_tensor": {k: round(e, 6) for k, e in quant_errors.items()}},
     }
+
+
+def _imatrix_summary(opts: ExportOptions) -> dict | None:
+    if opts.imatrix_text is None:
+        return None
+    import hashlib
+
+    data = Path(opts.imatrix_text).read_bytes()
+    return {"text": Path(opts.imatrix_text).name, "sha256": hashlib.sha256(data).hexdigest()[:16]}
 
 
 def preprocessing_constants(cfg) -> dict:

@@ -36,6 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .graph import MS_DOMAIN, NP_TO_ONNX, GraphBuilder
 from .hf_config import DecoderConfig
+from .imatrix import LayerCalibration, LayerReadCache
 from .ops import ErrorSink, linear, rescored_head, rms_norm, silu_mul, skip_rms_norm
 from .options import RESCORED_HEADS, ExportOptions
 
@@ -72,13 +73,13 @@ def compute_dtype(opts: ExportOptions) -> np.dtype:
     return np.dtype(np.float16 if opts.decoder_dtype == "fp16" else np.float32)
 
 
-def _attention(g, i, n, cfg, read, opts, on_error, cos, sin) -> str:
+def _attention(g, i, n, cfg, read, opts, on_error, cos, sin, imp) -> str:
     p = P.format(i=i) + "self_attn."
     w = np.concatenate([read(p + "q_proj.weight"), read(p + "k_proj.weight"), read(p + "v_proj.weight")])
     b = np.concatenate([read(p + "q_proj.bias"), read(p + "k_proj.bias"), read(p + "v_proj.bias")])
     name = f"/model/layers.{i}/attn"
     dt = compute_dtype(opts)
-    qkv = _linear(g, f"{name}/qkv_proj", n, w, b, opts, on_error, dt)
+    qkv = _linear(g, f"{name}/qkv_proj", n, w, b, opts, on_error, dt, imp)
     del w
     attn = g.node(
         "GroupQueryAttention",
@@ -89,14 +90,15 @@ def _attention(g, i, n, cfg, read, opts, on_error, cos, sin) -> str:
         num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
         do_rotary=1, rotary_interleaved=0, scale=float(cfg.head_dim ** -0.5),
     )[0]
-    return _linear(g, f"{name}/o_proj", attn, read(p + "o_proj.weight"), None, opts, on_error, dt)
+    return _linear(g, f"{name}/o_proj", attn, read(p + "o_proj.weight"), None, opts, on_error, dt, imp)
 
 
-def _linear(g, name, x, w, b, opts: ExportOptions, on_error, dt) -> str:
-    """One decoder linear layer at its precision and accuracy level (ExportOptions.linear_settings)."""
+def _linear(g, name, x, w, b, opts: ExportOptions, on_error, dt, imp: dict) -> str:
+    """One decoder linear layer at its precision and accuracy level (ExportOptions.linear_settings),
+    its range search weighted by the calibration's importance of its inputs when there is one."""
     precision, level = opts.linear_settings(name)
     return linear(g, name, x, w, b, precision=precision, block_size=opts.block_size, accuracy_level=level,
-                  on_error=on_error, dtype=dt)
+                  on_error=on_error, dtype=dt, importance=imp.get(name.split("/", 3)[-1]))
 
 
 def use_int8_kv_cache(model: onnx.ModelProto, k_scales: Sequence[np.ndarray], v_scales: Sequence[np.ndarray]) -> None:
@@ -129,15 +131,15 @@ def use_int8_kv_cache(model: onnx.ModelProto, k_scales: Sequence[np.ndarray], v_
                                helper.make_attribute("kv_cache_bit_width", 8)])
 
 
-def _mlp(g, i, n, read, opts, on_error) -> str:
+def _mlp(g, i, n, read, opts, on_error, imp) -> str:
     p = P.format(i=i) + "mlp."
     name = f"/model/layers.{i}/mlp"
     dt = compute_dtype(opts)
     w = np.concatenate([read(p + "gate_proj.weight"), read(p + "up_proj.weight")])
-    gu = _linear(g, f"{name}/gate_up_proj", n, w, None, opts, on_error, dt)
+    gu = _linear(g, f"{name}/gate_up_proj", n, w, None, opts, on_error, dt, imp)
     del w
     h = silu_mul(g, f"{name}/act", gu)
-    return _linear(g, f"{name}/down_proj", h, read(p + "down_proj.weight"), None, opts, on_error, dt)
+    return _linear(g, f"{name}/down_proj", h, read(p + "down_proj.weight"), None, opts, on_error, dt, imp)
 
 
 def _declare_io(g: GraphBuilder, cfg: DecoderConfig, dt: np.dtype) -> None:
@@ -158,9 +160,15 @@ def _declare_io(g: GraphBuilder, cfg: DecoderConfig, dt: np.dtype) -> None:
 
 def build_decoder_graph(g: GraphBuilder, cfg: DecoderConfig, read: ReadWeight, opts: ExportOptions,
                         max_positions: int, on_error: ErrorSink | None = None,
-                        progress: Callable[[int, int], None] | None = None) -> None:
-    """Add the whole decoder to `g`, reading and quantizing one weight at a time."""
+                        progress: Callable[[int, int], None] | None = None,
+                        calibration: Sequence[np.ndarray] | None = None) -> None:
+    """Add the whole decoder to `g`, reading and quantizing one weight at a time. `calibration`: token
+    id sequences whose activations weight the quantizer (export/imatrix.py)."""
     dt = compute_dtype(opts)
+    calib = None
+    if calibration is not None:
+        read = LayerReadCache(read)
+        calib = LayerCalibration(cfg, read, calibration)
     _declare_io(g, cfg, dt)
     cos_np, sin_np = rotary_cache(cfg, max_positions)
     cos = g.initializer("/model/rotary/cos_cache", cos_np.astype(dt))
@@ -173,10 +181,14 @@ def build_decoder_graph(g: GraphBuilder, cfg: DecoderConfig, read: ReadWeight, o
                  dtype=dt)
     last = cfg.num_hidden_layers - 1
     for i in range(cfg.num_hidden_layers):
-        attn = _attention(g, i, n, cfg, read, opts, on_error, cos, sin)
+        imp = {}
+        if calib is not None:
+            read.start_layer(i)
+            imp = calib.advance(i)
+        attn = _attention(g, i, n, cfg, read, opts, on_error, cos, sin, imp)
         n2, x = skip_rms_norm(g, f"/model/layers.{i}/post_attention_layernorm", attn, x,
                               read(P.format(i=i) + "post_attention_layernorm.weight"), eps, dtype=dt)
-        mlp = _mlp(g, i, n2, read, opts, on_error)
+        mlp = _mlp(g, i, n2, read, opts, on_error, imp)
         if i < last:
             n, x = skip_rms_norm(g, f"/model/layers.{i + 1}/input_layernorm", mlp, x,
                                  read(P.format(i=i + 1) + "input_layernorm.weight"), eps, dtype=dt)
@@ -189,13 +201,15 @@ def build_decoder_graph(g: GraphBuilder, cfg: DecoderConfig, read: ReadWeight, o
     # on the CPU, and a node computing them would run there too, which a CUDA graph does not allow.
     last_pos = g.op("Slice", [n, IO.logits_start, g.const([2**62]), g.const([1])], "/model/last_positions/Slice")
     head_name = "llm.model.embed_tokens.weight" if cfg.tie_word_embeddings else "llm.lm_head.weight"
+    head_imp = calib.head_importance() if calib is not None else None
     if opts.head_precision in RESCORED_HEADS:
         logits = rescored_head(g, "/lm_head", last_pos, read(head_name), scan_bits=RESCORED_HEADS[opts.head_precision],
                                block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error,
-                               dtype=dt)
+                               dtype=dt, importance=head_imp)
     else:
         logits = linear(g, "/lm_head", last_pos, read(head_name), None, precision=opts.head_precision,
-                        block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt)
+                        block_size=opts.block_size, accuracy_level=opts.accuracy_level, on_error=on_error, dtype=dt,
+                        importance=head_imp)
     if dt != np.float32:
         g.op("Cast", [logits], "/model/logits/Cast", outputs=[IO.logits], to=TensorProto.FLOAT)
     else:

@@ -19,8 +19,9 @@ ErrorSink = Callable[[str, float], None]
 
 def linear(g: GraphBuilder, name: str, x: str, weight: np.ndarray, bias: np.ndarray | None, *,
            precision: str, block_size: int = 32, accuracy_level: int = 4,
-           on_error: ErrorSink | None = None, dtype=np.float32) -> str:
-    """y = x @ W.T + b with W [N, K]; x and y are of `dtype` (the graph's compute type).
+           on_error: ErrorSink | None = None, dtype=np.float32, importance: np.ndarray | None = None) -> str:
+    """y = x @ W.T + b with W [N, K]; x and y are of `dtype` (the graph's compute type). `importance`
+    [K] weights the 2/4-bit range search (export/imatrix.py).
 
     fp32 -> MatMul (+Add); fp16 storage in an fp32 graph -> fp16 weight cast to fp32 at load (half the
     file; CPU has no fast fp16 GEMM); int4/int8 -> MatMulNBits with the bias folded into its bias input
@@ -38,7 +39,7 @@ def linear(g: GraphBuilder, name: str, x: str, weight: np.ndarray, bias: np.ndar
             y = g.op("Add", [y, g.initializer(f"{name}/bias", bias.astype(dtype))], f"{name}/Add")
         return y
     bits = {"int2": 2, "int4": 4, "int8": 8}[precision]
-    q = quantize_weight(weight, bits, block_size)
+    q = quantize_weight(weight, bits, block_size, importance=importance if bits < 8 else None)
     if dtype != np.float32:
         q.scales = q.scales.astype(dtype)  # what the graph stores, so the error below is the real one
     if on_error is not None:
@@ -73,7 +74,7 @@ SCAN2_BLOCK = 128
 
 def rescored_head(g: GraphBuilder, name: str, x: str, weight: np.ndarray, *, candidates: int | None = None,
                   scan_bits: int = 4, block_size: int = 64, accuracy_level: int = 4,
-                  on_error: ErrorSink | None = None, dtype=np.float32) -> str:
+                  on_error: ErrorSink | None = None, dtype=np.float32, importance: np.ndarray | None = None) -> str:
     """The vocabulary head as an int4 (or int2) scan plus int8 rescoring: logits = the scan's logits,
     except the top `candidates` of them, recomputed with int8 weights and unquantized activations.
 
@@ -98,7 +99,7 @@ def rescored_head(g: GraphBuilder, name: str, x: str, weight: np.ndarray, *, can
     dtype = np.dtype(dtype)
     coarse = linear(g, name, x, weight, None, precision=f"int{scan_bits}",
                     block_size=block_size if scan_bits == 4 else SCAN2_BLOCK,
-                    accuracy_level=accuracy_level, on_error=on_error, dtype=dtype)
+                    accuracy_level=accuracy_level, on_error=on_error, dtype=dtype, importance=importance)
     q = quantize_weight(weight, 8, block_size)
     n_blocks = q.packed.shape[1]
     q.scales = q.scales.astype(dtype)

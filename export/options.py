@@ -45,6 +45,9 @@ class ExportOptions:
     # quantizer has the same idea (`--tensor-type ffn_down=q8_0`): a few sensitive tensors kept finer.
     tensor_precision: tuple[tuple[str, str], ...] = ()
     tensor_accuracy: tuple[tuple[str, int], ...] = ()
+    # A text file whose activations weight the 4-bit (and 2-bit) range search of the decoder and its
+    # head (export/imatrix.py: llama.cpp's importance matrix, measured while exporting). None: unweighted.
+    imatrix_text: str | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

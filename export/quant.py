@@ -40,11 +40,16 @@ CHUNK_ELEMENTS = 1 << 24  # weights per numpy pass (64 MB per fp32 temporary)
 
 
 def quantize_weight(weight: np.ndarray, bits: int, block_size: int, rows_per_chunk: int = 8192,
-                    clip_ratios: tuple[float, ...] | None = None) -> QuantizedWeight:
+                    clip_ratios: tuple[float, ...] | None = None,
+                    importance: np.ndarray | None = None) -> QuantizedWeight:
     """Asymmetric block quantization of W[N, K] along K (with zero points).
 
     2 and 4 bits: per block, the range among `clip_ratios` (default CLIP_RATIOS[bits]) x [min, max] with
     the smallest squared error (`clip_ratios=(1.0,)` is plain round-to-nearest, ORT's default algorithm).
+    With `importance` [K] (the mean square of each input channel on calibration text, llama.cpp's
+    imatrix), the error is weighted by it, since y = x @ W.T errs by sum_k x_k * dW_k; and each range's
+    scale is then refitted by weighted least squares for the codes it gave (the zero point stays an
+    integer, as MatMulNBits stores it), keeping whichever of the two is better.
     8 bits: ORT's routine.
     Blocks run along K, so rows are independent and are quantized a chunk at a time (the 151700-row
     lm_head would need 2.2 GB at once).
@@ -66,7 +71,7 @@ def quantize_weight(weight: np.ndarray, bits: int, block_size: int, rows_per_chu
         p, sc, zp = packed[start:stop], scales[start:stop], zero_points[start:stop]
         if bits < 8:
             _quantize_low_bit_blocks(np.asarray(weight[start:stop], dtype=np.float32), bits, block_size,
-                                     clip_ratios or CLIP_RATIOS[bits], p, sc, zp)
+                                     clip_ratios or CLIP_RATIOS[bits], p, sc, zp, importance)
         else:
             # ORT's routine takes the MatMul B matrix [K, N] (x @ B), i.e. W transposed, in fp32.
             b = np.ascontiguousarray(weight[start:stop].T, dtype=np.float32)
@@ -91,7 +96,8 @@ def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _quantize_low_bit_blocks(w: np.ndarray, bits: int, block_size: int, clip_ratios: tuple[float, ...],
-                             packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray) -> None:
+                             packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
+                             importance: np.ndarray | None = None) -> None:
     """Rows w[n, K] into packed [n, n_blocks, block_size * bits / 8], scales [n, n_blocks] and the zero
     points' bytes [n, ceil(n_blocks * bits / 8)], with ORT's conventions (those of dequantize_weight):
     value = (code - zero point) x scale; 8 / bits codes per byte, the first in the lowest bits; zero
@@ -104,25 +110,29 @@ def _quantize_low_bit_blocks(w: np.ndarray, bits: int, block_size: int, clip_rat
     if k != n_blocks * block_size:
         w = np.pad(w, ((0, 0), (0, n_blocks * block_size - k)))
     blocks = w.reshape(n, n_blocks, block_size)
+    imp = None
+    if importance is not None:
+        imp = np.zeros(n_blocks * block_size, dtype=np.float32)
+        imp[:k] = np.maximum(np.asarray(importance, dtype=np.float32).reshape(-1), 0)
+        imp = imp.reshape(1, n_blocks, block_size)
     lo = np.minimum(blocks.min(axis=-1, keepdims=True), 0)  # 0 stays exactly representable
     hi = np.maximum(blocks.max(axis=-1, keepdims=True), 0)
-    best_err = best_scale = best_zp = None
+    best: list | None = None
     for ratio in clip_ratios:
         scale = (hi - lo) * np.float32(ratio / levels)
         scale[scale == 0] = 1.0  # an all-zero block: any scale, code = zero point
         zp = np.clip(np.round(-lo * np.float32(ratio) / scale), 0, top)
-        diff = np.clip(np.round(blocks / scale) + zp, 0, top)
-        diff -= zp
-        diff *= scale
-        diff -= blocks
-        err = np.einsum("ijk,ijk->ij", diff, diff)[..., None]
-        if best_err is None:
-            best_err, best_scale, best_zp = err, scale, zp
-        else:
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_scale = np.where(better, scale, best_scale)
-            best_zp = np.where(better, zp, best_zp)
+        candidates = [scale]
+        if imp is not None:
+            candidates.append(_refit_scale(blocks, scale, zp, top, imp))
+        for sc in candidates:
+            err = _block_error(blocks, sc, zp, top, imp)
+            if best is None:
+                best = [err, sc, zp]
+            else:
+                better = err < best[0]
+                best = [np.where(better, err, best[0]), np.where(better, sc, best[1]), np.where(better, zp, best[2])]
+    _, best_scale, best_zp = best
     codes = np.clip(np.round(blocks / best_scale) + best_zp, 0, top).astype(np.uint8)
     packed[...] = _pack(codes, bits)
     scales[...] = best_scale[..., 0]
@@ -131,6 +141,27 @@ def _quantize_low_bit_blocks(w: np.ndarray, bits: int, block_size: int, clip_rat
     if n_blocks % per:
         zps = np.pad(zps, ((0, 0), (0, per - n_blocks % per)))
     zero_points[...] = _pack(zps, bits)
+
+
+def _block_error(blocks, scale, zp, top, imp) -> np.ndarray:
+    """Squared reconstruction error per block [n, n_blocks, 1], weighted by imp when given."""
+    diff = np.clip(np.round(blocks / scale) + zp, 0, top)
+    diff -= zp
+    diff *= scale
+    diff -= blocks
+    if imp is None:
+        return np.einsum("ijk,ijk->ij", diff, diff)[..., None]
+    return np.einsum("ijk,ijk,ijk->ij", diff, diff, np.broadcast_to(imp, diff.shape))[..., None]
+
+
+def _refit_scale(blocks, scale, zp, top, imp) -> np.ndarray:
+    """The scale minimising sum imp * (w - (c - zp) * s)^2 for the codes c that `scale` gives."""
+    q = np.clip(np.round(blocks / scale) + zp, 0, top) - zp
+    wq = imp * q
+    num = np.einsum("ijk,ijk->ij", wq, blocks)[..., None]
+    den = np.einsum("ijk,ijk->ij", wq, q)[..., None]
+    refit = np.where(den > 0, num / np.where(den > 0, den, 1), scale)
+    return np.where(refit > 0, refit, scale).astype(np.float32)
 
 
 def dequantize_weight(q: QuantizedWeight, rows: slice = slice(None)) -> np.ndarray:
