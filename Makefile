@@ -19,7 +19,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 REACHABLE = $(1) -c "import socket,sys; socket.setdefaulttimeout(5); \
 	sys.exit(0 if socket.getaddrinfo('download.pytorch.org', 443) else 1)" 2>/dev/null
 
-.PHONY: demo test lint clean upgrade-pins test-arm64
+.PHONY: demo test lint clean upgrade-pins test-arm64 test-real
 
 # The runtime and the exporter: what `make demo` needs (no torch).
 $(BIN)/.installed-base: pyproject.toml $(PINS)
@@ -68,6 +68,12 @@ upgrade-pins:
 	  echo "pip==$$(.venv-upgrade/bin/pip --version | cut -d' ' -f2)"; } > $(PINS)
 	rm -rf .venv-upgrade
 	@echo "$(PINS) updated; \`rm -rf $(VENV)\` to reinstall from it"
+
+# Not in CI (downloads 0.5 GB, ~15 min): trained Qwen2.5-Coder-0.5B weights grafted into the MiniCPM-o
+# format, against transformers and as the KL of the default export (tests/real/).
+test-real: $(BIN)/.installed
+	$(BIN)/$(PIP) -c $(PINS) gguf transformers
+	MINICPMO_REAL_WEIGHTS=1 $(BIN)/pytest -q tests/real
 
 # Not in CI (slow): the runtime on an emulated arm64 Debian, against this host's run (tests/arm64/).
 test-arm64: $(BIN)/.installed

@@ -25,6 +25,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .decoder import IO as DECODER_IO
 from .decoder import build_decoder_graph, compute_dtype, use_int8_kv_cache
 from .graph import GraphBuilder
+from .imatrix import MAX_CALIBRATION_TOKENS
 from .options import ExportOptions
 from .staging import staged_folder
 from .vision import INPUTS as VISION_INPUTS
@@ -131,7 +132,11 @@ def _imatrix_sequences(ckpt: Checkpoint, opts: ExportOptions) -> list[np.ndarray
     if not ids:
         raise ExportError(f"imatrix text {opts.imatrix_text} is empty")
     ids = np.array(ids, dtype=np.int64)
-    return [ids[i:i + IMATRIX_SEQUENCE] for i in range(0, len(ids), IMATRIX_SEQUENCE)]
+    sequences = [ids[i:i + IMATRIX_SEQUENCE] for i in range(0, len(ids), IMATRIX_SEQUENCE)]
+    keep = max(1, MAX_CALIBRATION_TOKENS // IMATRIX_SEQUENCE)
+    if len(sequences) > keep:  # a long text: sequences spread over all of it, not only its start
+        sequences = [sequences[i] for i in np.linspace(0, len(sequences) - 1, keep).round().astype(int)]
+    return sequences
 
 
 def _use_int8_kv_cache(folder: Path, manifest: dict, opts: ExportOptions, audio: bool) -> None:

@@ -40,6 +40,11 @@ if [ ! -x "$ROOT/usr/bin/python3" ]; then
         bookworm "$ROOT" "$MIRROR" >&2
 fi
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+# /proc for the root (ONNX Runtime opens its external data through /proc/self/fd), unmounted on exit.
+# No /sys: ONNX Runtime's cpuinfo then warns that it cannot read the CPU list (harmless: MLAS
+# detects ARM features itself), while with the host's (x86) /sys it crashes under QEMU.
+mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
+trap 'umount "$ROOT/proc" 2>/dev/null || true' EXIT
 # This host's CA bundle (a proxy's certificate may be in it) and none of its pip settings: pip in the
 # root reads only what is passed here.
 cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/host-ca-certificates.crt"
