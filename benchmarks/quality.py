@@ -246,6 +246,14 @@ ROWS = {
     "int8-b128-a4": {"precision": "int8"},
     "speed-first": {"block_size": 256, "kv_cache": "int8", "kv_calibration_text": "CALIBRATION",
                     "lm_head_precision": "int2+int8"},
+    # remedies: the importance-weighted range search, finer tensors where the loss is
+    "b128-a4-imatrix": {"imatrix_text": "CALIBRATION"},
+    "b64-a4-imatrix": {"block_size": 64, "imatrix_text": "CALIBRATION"},
+    "b256-a4-imatrix": {"block_size": 256, "imatrix_text": "CALIBRATION"},
+    "b128-a4-down8": {"tensor_precision": (("layers.*/mlp/down_proj", "int8"),)},
+    "b128-a4-qkv8": {"tensor_precision": (("layers.*/attn/qkv_proj", "int8"),)},
+    "b128-a4-ends8": {"tensor_precision": (("layers.0/*", "int8"), ("layers.1/*", "int8"), ("layers.26/*", "int8"),
+                                           ("layers.27/*", "int8"))},
 }
 
 
@@ -258,10 +266,12 @@ def export_row(checkpoint: Path, work: Path, row: str) -> Path:
     if (out / "manifest.json").is_file():
         return out
     opts = dict(ROWS[row])
-    if opts.get("kv_calibration_text") == "CALIBRATION":
-        text = work / "calibration.txt"
-        text.write_text(calibration_text(), encoding="utf-8")
-        opts["kv_calibration_text"] = str(text)
+    for key in ("kv_calibration_text", "imatrix_text"):
+        if opts.get(key) == "CALIBRATION":  # the calibration set: never the corpus
+            text = work / "calibration.txt"
+            work.mkdir(parents=True, exist_ok=True)
+            text.write_text(calibration_text(), encoding="utf-8")
+            opts[key] = str(text)
     t0 = time.perf_counter()
     export_bundle(checkpoint, out, ExportOptions(audio=False, **opts), overwrite=True,
                   progress=lambda stage, i, n, *unit: log.debug("%s %s %d/%d", row, stage, i, n))
