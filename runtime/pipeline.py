@@ -3,6 +3,8 @@
     media -> slice -> prompt (template + placeholders) -> context check -> vision (cached)
           -> embed tokens -> splice -> prefill (re-using the cached prefix) -> decode -> sample
           -> detokenize -> stop strings -> GenerationChunk stream
+          [speech: voice clip first, TTS template, hidden state at <|spk|> -> runtime/speech.py
+           -> audio chunks after the text]
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .bundle_check import check_decoder, check_encoder
-from .errors import AudioError, ContextLengthError, InputError
+from .errors import AudioError, BundleError, ContextLengthError, InputError
 from .generate import Decoder, StepStats, generate_tokens, prefill_prompt
 from .kv_cache import KVCache
 from .manifest import Manifest, load_manifest
@@ -25,11 +27,13 @@ from .preprocess.image_io import load_image
 from .preprocess.prompt import build_prompt
 from .sampler import make_sampler
 from .sessions import EmbeddingTable, create_decoder_session, create_session, kv_device, resolve_provider
+from .speech import SpeechParams, SpeechRequest, SpeechStats, speak
 from .splice import splice_embeddings
 from .stopping import StopMatcher
 from .tokenizer import StreamingDetokenizer, Tokenizer
 from .types import GenerationChunk, GenerationParams, Message, Usage
 from .vision import PreparedImage, VisionEncoder
+from .voices import Voices, voice_message
 
 VIDEO_MAX_SLICES = 2  # the model card's setting for video frames (1 on request)
 
@@ -43,7 +47,7 @@ class Pipeline:
 
     def __init__(self, manifest: Manifest, provider: str = "auto", threads: int | None = None,
                  context_length: int | None = None, image_cache_bytes: int = 256 * 1024 * 1024,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, speech: bool = True):
         t0 = time.perf_counter()
         self.manifest = manifest
         self.provider = resolve_provider(provider)
@@ -86,6 +90,13 @@ class Pipeline:
             audio = create_session(manifest.path(aud["file"]), self.provider, threads, memory_arena=False)
             check_encoder(manifest, "audio", audio)
             self.audio = AudioEncoder(audio, chunk_frames=aud["chunk_frames"], pool_step=aud["pool_step"])
+        self.tts = None  # the speech model (runtime/tts_model.py), when the bundle has one
+        self.speech_info = speech_info = manifest.get("speech") or {}
+        self.voices = Voices(manifest.folder, speech_info.get("voices", {}))
+        if speech and speech_info:
+            from .tts_model import TTSModel
+
+            self.tts = TTSModel.load(manifest, threads=threads)
         self.last_prompt_ids: list[int] = []
         self.load_seconds = time.perf_counter() - t0
 
@@ -95,19 +106,84 @@ class Pipeline:
         return cls(load_manifest(bundle, verify=kw.pop("verify", False)), **kw)
 
     # -- one request ---------------------------------------------------------------------------
-    def generate(self, messages: list[Message], params: GenerationParams | None = None) -> Iterator[GenerationChunk]:
-        """Stream the assistant's reply. Bad input raises (InputError...) before the first chunk."""
+    def generate(self, messages: list[Message], params: GenerationParams | None = None,
+                 speech: SpeechRequest | None = None) -> Iterator[GenerationChunk]:
+        """Stream the assistant's reply; with `speech`, its audio follows the text (chunks with `audio`,
+        then the final chunk). Bad input raises (InputError...) before the first chunk."""
         params = params or GenerationParams()
         sampler = make_sampler(params)
         if params.lookup and not self.decoder.multi_logits:
             raise InputError("prompt lookup needs a bundle exported with it (this decoder returns one "
                              "position's logits); re-export the model", param="lookup")
-        ids, embeds, keys, usage, max_tokens = self._prepare(messages, params)
+        speech_params = None
+        if speech is not None:
+            speech_params = self._speech_params(speech, params)
+            messages = self._with_voice(messages, speech)
+        ids, embeds, keys, usage, max_tokens = self._prepare(messages, params, speak=speech is not None)
+        hidden_at = self._speaker_position(ids) if speech is not None else None
         stats = StepStats()
         tokens = generate_tokens(self.decoder, self.embed, embeds, keys, ids, sampler, max_tokens,
                                  self.stop_ids | set(params.stop_token_ids), stats, reuse_prefix=params.cache_prompt,
-                                 lookup=params.lookup)
-        yield from self._stream_text(tokens, params, usage, stats)
+                                 lookup=params.lookup, hidden_at=hidden_at)
+        chunks = self._stream_text(tokens, params, usage, stats)
+        if speech is None:
+            yield from chunks
+        else:
+            yield from self._stream_speech(chunks, stats, speech_params)
+
+    # -- speech --------------------------------------------------------------------------------
+    def _speech_params(self, speech: SpeechRequest, params: GenerationParams) -> SpeechParams:
+        """Check the bundle can speak; the speech sampling settings (the bundle's, then the request's)."""
+        if self.tts is None:
+            raise InputError("this model cannot speak: its bundle was exported without the speech (TTS) "
+                             "model", param="modalities", code="unsupported_audio_output")
+        if not self.decoder.has_hidden_states:
+            raise BundleError("this bundle's decoder has no hidden_states output, which speech needs; "
+                              "re-export it")
+        seed = speech.seed if speech.seed is not None else params.seed
+        out = SpeechParams.from_manifest(self.speech_info, seed=seed, **speech.overrides())
+        out.check()
+        return out
+
+    def _with_voice(self, messages: list[Message], speech: SpeechRequest) -> list[Message]:
+        """The conversation with the voice's reference clip in upstream's first message, if it has one."""
+        clip = speech.reference if speech.reference is not None else self.voices.clip(speech.voice)
+        if clip is None:
+            return messages
+        if self.audio is None:
+            raise InputError("a reference clip needs the audio encoder, which this bundle was exported "
+                             "without", param="audio.voice", code="unsupported_audio")
+        return [voice_message(clip, speech.mode, speech.language), *messages]
+
+    def _speaker_position(self, ids: np.ndarray) -> int:
+        """Where the generation prompt's <|spk|> is: its final hidden state is the speaker condition."""
+        spk = np.flatnonzero(ids == self.tokenizer.token_to_id("<|spk|>"))
+        if not len(spk):
+            raise BundleError("the TTS chat template has no <|spk|> token")
+        return int(spk[-1])
+
+    def _stream_speech(self, chunks: Iterator[GenerationChunk], stats: StepStats,
+                       params: SpeechParams) -> Iterator[GenerationChunk]:
+        """Pass the text through, then speak what came before <|tts_eos|> (upstream splits there)."""
+        tts_eos = self.tokenizer.token_to_id("<|tts_eos|>")
+        spoken, ended, final = [], False, None
+        for chunk in chunks:
+            if chunk.finish_reason is not None:
+                final = chunk
+                break
+            if not ended:
+                spoken.append(chunk.text)
+                ended = tts_eos in chunk.token_ids
+            yield chunk
+        text = "".join(spoken).strip()
+        speech_stats = SpeechStats()
+        if text:
+            end_id = self.speech_info.get("text_eos_token_id")
+            for wav in speak(self.tts, stats.hidden_state, text, params, speech_stats, text_end_id=end_id):
+                yield GenerationChunk(audio=wav)
+        if final is not None:
+            final.usage.speech = speech_stats
+            yield final
 
     def prompt_logits(self, messages: list[Message], cache_prompt: bool = True) -> tuple[np.ndarray, int]:
         """The logits the first reply token is sampled from (a copy), and how many prompt positions
@@ -117,13 +193,15 @@ class Pipeline:
         logits = prefill_prompt(self.decoder, embeds, keys, stats, reuse_prefix=cache_prompt)
         return logits.copy(), stats.cached_tokens
 
-    def _prepare(self, messages: list[Message], params: GenerationParams):
+    def _prepare(self, messages: list[Message], params: GenerationParams, speak: bool = False):
         """Prompt ids, their embeddings (images and audio spliced in) and cache keys, the usage so far,
-        and the number of tokens the context leaves for the reply."""
+        and the number of tokens the context leaves for the reply. `speak`: the TTS template."""
         usage = Usage()
         images = [self.vision.prepare(img, max_slices) for img, max_slices in _visual_parts(messages)]
         clips = _audio_parts(messages)
         template, placeholder = self._audio_prompt_parts(clips)
+        if speak:
+            template = self.tts_template
         extra = {"audio_placeholder": placeholder} if placeholder else {}
         prompt = build_prompt(messages, [im.grid for im in images], self.tokenizer, template,
                               self.params, self.special, **extra)
