@@ -26,6 +26,7 @@ from .options import (
     SAMPLING,
     SAMPLING_NAMES,
     SYSTEM,
+    VOICE,
     ByteSize,
     human_bytes,
 )
@@ -229,47 +230,63 @@ def _print_export_summary(out: Path) -> None:
               help="Most video frames (spread evenly over the video).")
 @click.option("--prompt", required=True, metavar="TEXT", help="The question.")
 @SYSTEM
+@click.option("--speak", type=click.Path(path_type=Path), metavar="FILE.wav",
+              help="Also speak the reply: write it as a 24 kHz WAV file (bundles exported with speech).")
+@VOICE
 @SAMPLING
 @RUNTIME
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_fail_cleanly
-def infer(model, images, max_slices, audios, video, frames, fps, max_frames, prompt, system, as_json,
-          **kwargs) -> None:
+def infer(model, images, max_slices, audios, video, frames, fps, max_frames, prompt, system, speak, voice,
+          as_json, **kwargs) -> None:
     """Answer one question about images, audio clips or a video.
 
     \b
     minicpmo infer --model models/minicpmo-int4 --image photo.jpg --prompt "What is in it?"
     minicpmo infer --model models/minicpmo-int4 --audio clip.wav --prompt "What do you hear?" --json
     minicpmo infer --model models/minicpmo-int4 --frames clip/ --prompt "What happens?"
+    minicpmo infer --model models/minicpmo-int4 --prompt "Say hello." --speak hello.wav --voice me.wav
     """
     from .infer import MediaArgs, run_infer
 
+    if voice and not speak:
+        raise click.UsageError("--voice needs --speak FILE.wav")
     media = MediaArgs(images=images, max_slices=max_slices, audios=audios, video=video, frames=frames, fps=fps,
                       max_frames=max_frames)
+    sampling = _sampling(kwargs)
     run_infer(model=model, media=media, prompt=prompt, system=system, as_json=as_json,
-              sampling=_sampling(kwargs), **_runtime(kwargs))
+              sampling=sampling, speak=speak, voice=voice, **_runtime(kwargs))
 
 
 @cli.command()
 @MODEL
 @MAX_SLICES
 @SYSTEM
+@click.option("--speak", is_flag=True, help="Also speak each reply: write it as reply-N.wav (24 kHz) in --speak-dir.")
+@click.option("--speak-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, metavar="DIR", help="Where --speak writes its files.")
+@VOICE
 @SAMPLING
 @RUNTIME
 @_fail_cleanly
-def chat(model, max_slices, system, **kwargs) -> None:
-    r"""Interactive multi-turn chat; earlier turns stay in the KV cache.
+def chat(model, max_slices, system, speak, speak_dir, voice, **kwargs) -> None:
+    """Interactive multi-turn chat; earlier turns stay in the KV cache.
 
-    Type a question, or a command: \image SRC [question], \audio FILE [question], \video FILE|DIR
-    [question], \system [TEXT], \clear, \help, \exit. Ctrl-C stops a reply; Ctrl-D leaves.
+    Type a question, or a command: \\image SRC [question], \\audio FILE [question], \\video FILE|DIR
+    [question], \\voice NAME|FILE, \\system [TEXT], \\clear, \\help, \\exit. Ctrl-C stops a reply; Ctrl-D
+    leaves.
 
     \b
     minicpmo chat --model models/minicpmo-int4
     minicpmo chat --model models/minicpmo-int4 --system "Answer in one sentence." --temperature 0.7
+    minicpmo chat --model models/minicpmo-int4 --speak --speak-dir replies/ --voice me.wav
     """
     from .chat import run_chat
 
-    run_chat(model=model, system=system, max_slices=max_slices, sampling=_sampling(kwargs), **_runtime(kwargs))
+    if voice and not speak:
+        raise click.UsageError("--voice needs --speak")
+    run_chat(model=model, system=system, max_slices=max_slices, sampling=_sampling(kwargs),
+             speak_dir=speak_dir if speak else None, voice=voice, **_runtime(kwargs))
 
 
 @cli.command()
