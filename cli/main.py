@@ -104,10 +104,11 @@ def cli(verbose: bool) -> None:
               help="tiny: seconds to export; small: a 1.5B decoder; full: MiniCPM-o 2.6's exact shapes (8.7B).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--no-audio", is_flag=True, help="Leave out the audio encoder weights.")
+@click.option("--no-tts", is_flag=True, help="Leave out the speech weights (tts.*, assets/).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Copy this tokenizer folder instead of making a small byte-level BPE.")
 @_fail_cleanly
-def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path | None) -> None:
+def synth(out: Path, size: str, seed: int, no_audio: bool, no_tts: bool, tokenizer_dir: Path | None) -> None:
     """Write a synthetic checkpoint in the exact upstream format (random weights: fluent nonsense).
 
     \b
@@ -116,7 +117,8 @@ def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path |
     from ..export.synth import write_synthetic_checkpoint
 
     _interrupt_on_sigterm()
-    path = write_synthetic_checkpoint(out, size=size, seed=seed, audio=not no_audio, tokenizer_dir=tokenizer_dir)
+    path = write_synthetic_checkpoint(out, size=size, seed=seed, audio=not no_audio, tokenizer_dir=tokenizer_dir,
+                                      tts=not no_tts)
     click.echo(str(path))
 
 
