@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import spoken_reply as spoken
 from .bundle_check import check_decoder, check_encoder
-from .errors import AudioError, BundleError, ContextLengthError, InputError
+from .errors import AudioError, ContextLengthError, InputError
 from .generate import Decoder, StepStats, generate_tokens, prefill_prompt
 from .kv_cache import KVCache
 from .manifest import Manifest, load_manifest
@@ -27,13 +28,13 @@ from .preprocess.image_io import load_image
 from .preprocess.prompt import build_prompt
 from .sampler import make_sampler
 from .sessions import EmbeddingTable, create_decoder_session, create_session, kv_device, resolve_provider
-from .speech import SpeechParams, SpeechRequest, SpeechStats, speak
+from .speech import SpeechRequest
 from .splice import splice_embeddings
 from .stopping import StopMatcher
 from .tokenizer import StreamingDetokenizer, Tokenizer
 from .types import GenerationChunk, GenerationParams, Message, Usage
 from .vision import PreparedImage, VisionEncoder
-from .voices import Voices, voice_message
+from .voices import Voices
 
 VIDEO_MAX_SLICES = 2  # the model card's setting for video frames (1 on request)
 
@@ -117,10 +118,10 @@ class Pipeline:
                              "position's logits); re-export the model", param="lookup")
         speech_params = None
         if speech is not None:
-            speech_params = self._speech_params(speech, params)
-            messages = self._with_voice(messages, speech)
+            speech_params = spoken.speech_params(self, speech, params)
+            messages = spoken.with_voice(self, messages, speech)
         ids, embeds, keys, usage, max_tokens = self._prepare(messages, params, speak=speech is not None)
-        hidden_at = self._speaker_position(ids) if speech is not None else None
+        hidden_at = spoken.speaker_position(self.tokenizer, ids) if speech is not None else None
         stats = StepStats()
         tokens = generate_tokens(self.decoder, self.embed, embeds, keys, ids, sampler, max_tokens,
                                  self.stop_ids | set(params.stop_token_ids), stats, reuse_prefix=params.cache_prompt,
@@ -129,61 +130,7 @@ class Pipeline:
         if speech is None:
             yield from chunks
         else:
-            yield from self._stream_speech(chunks, stats, speech_params)
-
-    # -- speech --------------------------------------------------------------------------------
-    def _speech_params(self, speech: SpeechRequest, params: GenerationParams) -> SpeechParams:
-        """Check the bundle can speak; the speech sampling settings (the bundle's, then the request's)."""
-        if self.tts is None:
-            raise InputError("this model cannot speak: its bundle was exported without the speech (TTS) "
-                             "model", param="modalities", code="unsupported_audio_output")
-        if not self.decoder.has_hidden_states:
-            raise BundleError("this bundle's decoder has no hidden_states output, which speech needs; "
-                              "re-export it")
-        seed = speech.seed if speech.seed is not None else params.seed
-        out = SpeechParams.from_manifest(self.speech_info, seed=seed, **speech.overrides())
-        out.check()
-        return out
-
-    def _with_voice(self, messages: list[Message], speech: SpeechRequest) -> list[Message]:
-        """The conversation with the voice's reference clip in upstream's first message, if it has one."""
-        clip = speech.reference if speech.reference is not None else self.voices.clip(speech.voice)
-        if clip is None:
-            return messages
-        if self.audio is None:
-            raise InputError("a reference clip needs the audio encoder, which this bundle was exported "
-                             "without", param="audio.voice", code="unsupported_audio")
-        return [voice_message(clip, speech.mode, speech.language), *messages]
-
-    def _speaker_position(self, ids: np.ndarray) -> int:
-        """Where the generation prompt's <|spk|> is: its final hidden state is the speaker condition."""
-        spk = np.flatnonzero(ids == self.tokenizer.token_to_id("<|spk|>"))
-        if not len(spk):
-            raise BundleError("the TTS chat template has no <|spk|> token")
-        return int(spk[-1])
-
-    def _stream_speech(self, chunks: Iterator[GenerationChunk], stats: StepStats,
-                       params: SpeechParams) -> Iterator[GenerationChunk]:
-        """Pass the text through, then speak what came before <|tts_eos|> (upstream splits there)."""
-        tts_eos = self.tokenizer.token_to_id("<|tts_eos|>")
-        spoken, ended, final = [], False, None
-        for chunk in chunks:
-            if chunk.finish_reason is not None:
-                final = chunk
-                break
-            if not ended:
-                spoken.append(chunk.text)
-                ended = tts_eos in chunk.token_ids
-            yield chunk
-        text = "".join(spoken).strip()
-        speech_stats = SpeechStats()
-        if text:
-            end_id = self.speech_info.get("text_eos_token_id")
-            for wav in speak(self.tts, stats.hidden_state, text, params, speech_stats, text_end_id=end_id):
-                yield GenerationChunk(audio=wav)
-        if final is not None:
-            final.usage.speech = speech_stats
-            yield final
+            yield from spoken.stream_speech(self, chunks, stats, speech_params)
 
     def prompt_logits(self, messages: list[Message], cache_prompt: bool = True) -> tuple[np.ndarray, int]:
         """The logits the first reply token is sampled from (a copy), and how many prompt positions
