@@ -13,7 +13,7 @@ Upstream's path (modeling_minicpmo.py: `_generate_mel_spec`, `ConditionalChatTTS
         cross-faded (triangular weights) into the previous chunk over the 4 shared codes' samples
 
 Streaming follows upstream: a chunk's audio is handed out once the next chunk has been cross-faded
-into it, so the first audio arrives after two chunks (50 codes, ~2 s of speech), long before a
+into it, so the first audio arrives after two chunks (50 codes, ~1.1 s of speech), long before a
 long reply's last code. The model is any object with TTSModel's methods (runtime/tts_model.py).
 """
 
