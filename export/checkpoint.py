@@ -30,7 +30,8 @@ class CheckpointError(ValueError):
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt")
-HUB_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "vocab.json"]  # *.json covers tokenizer/config files
+# *.json covers the tokenizer and config files (assets/chattts_tokenizer/ too); Vocos.pt is the vocoder
+HUB_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "assets/Vocos.pt"]
 PARTS = ("vision", "resampler", "decoder", "audio", "tts")
 TTS_PREFIX = "tts."  # checked only when the speech part is requested; skipped whatever they hold otherwise
 AUDIO_PREFIXES = ("apm.", "audio_projection_layer.")  # checked only when the audio part is requested
