@@ -2,10 +2,12 @@
 Runtime (the bundle's graphs, runtime/speech.py's loop) against the PyTorch reference
 (export/reference/tts.py) on the same weights, each in its own process (its RSS its own).
 
-    python -m benchmarks.speech --checkpoint CKPT --bundle BUNDLE [--codes 250] [--threads 2] [--repeats 2]
+    python -m benchmarks.speech --checkpoint CKPT [--precisions int8,fp32] [--codes 250] [--threads 2]
 
 The checkpoint's speech weights should have the real shapes (`minicpmo synth --size small` keeps
-the real TTS, DVAE and Vocos shapes): speed depends on shapes, not values. Every run generates
+the real TTS, DVAE and Vocos shapes): speed depends on shapes, not values. Its speech graphs are
+exported (export/bundle_speech.py, as `minicpmo export` writes them) into a scratch folder per TTS
+precision, or `--bundle` names an exported bundle instead. Every run generates
 exactly `--codes` codes (the end code is blocked: random weights end at random), decoded in
 upstream's 25-code chunks with 4 codes of context. Figures:
 - rtf: compute seconds per second of audio (prefill, code steps, DVAE, Vocos); <= 1 is real time;
@@ -57,12 +59,26 @@ class Timer:
         return timed
 
 
+def export_speech(checkpoint: Path, folder: Path, precision: str) -> None:
+    """The speech graphs alone, with their manifest section in speech.json."""
+    from minicpmo.export.bundle import _graph_io
+    from minicpmo.export.bundle_speech import write_speech
+    from minicpmo.export.checkpoint import open_checkpoint
+    from minicpmo.export.options import ExportOptions
+
+    folder.mkdir(parents=True, exist_ok=True)
+    speech = write_speech(open_checkpoint(checkpoint), folder, ExportOptions(tts_precision=precision), _graph_io,
+                          lambda *a, **k: None)
+    (folder / "speech.json").write_text(json.dumps({"speech": speech}))
+
+
 def run_onnx(bundle: Path, codes: int, threads: int, repeats: int) -> dict:
-    from minicpmo.runtime.manifest import load_manifest
+    from minicpmo.runtime.manifest import Manifest, load_manifest
     from minicpmo.runtime.speech import SpeechParams, SpeechStats, speak
     from minicpmo.runtime.tts_model import TTSModel
 
-    manifest = load_manifest(bundle)
+    scratch = bundle / "speech.json"
+    manifest = Manifest(bundle, json.loads(scratch.read_text())) if scratch.is_file() else load_manifest(bundle)
     rss0 = current_rss_bytes()
     t0 = time.perf_counter()
     model = TTSModel.load(manifest, threads=threads)
@@ -81,7 +97,7 @@ def run_onnx(bundle: Path, codes: int, threads: int, repeats: int) -> dict:
         with ForeignLoad() as load:
             audio = sum(len(c) for c in speak(model, hidden, TEXT, params, stats))
         runs.append(_run_figures(stats.seconds, audio / 24000, stats.first_audio_seconds, timer, load.cores))
-    return {"engine": "onnxruntime", "precision": info.get("decoder", {}).get("precision"), "load_s": round(load_s, 2),
+    return {"engine": f"onnxruntime {info['decoder']['precision']} TTS", "load_s": round(load_s, 2),
             "rss_before_mb": rss0 >> 20, "rss_loaded_mb": rss_loaded >> 20, "peak_rss_mb": peak_rss_bytes() >> 20,
             **_median_runs(runs)}
 
@@ -171,10 +187,19 @@ def markdown(results: list[dict], args) -> str:
     return "\n".join(rows)
 
 
+def _spawn(engine: str, where: list[str], args) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.speech", "--engine", engine, "--codes", str(args.codes),
+           "--threads", str(args.threads), "--repeats", str(args.repeats), *where]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    log.info("%s: RTF %.3f, first audio %.2f s", out["engine"], out["rtf"], out["first_audio_s"])
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, help="checkpoint the bundle was exported from (the torch engine)")
-    ap.add_argument("--bundle", type=Path, help="bundle with speech (the onnx engine)")
+    ap.add_argument("--bundle", type=Path, help="an exported bundle with speech instead of exporting the graphs")
+    ap.add_argument("--precisions", default="int8,fp32", help="TTS decoder precisions to export and run")
     ap.add_argument("--codes", type=int, default=250, help="codes per run (250 = 5.3 s of audio)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
@@ -188,16 +213,20 @@ def main(argv=None) -> None:
     if args.engine == "torch":
         print(json.dumps(run_torch(args.checkpoint, args.codes, args.threads, args.repeats)))
         return
-    results = []
-    for engine, needed in (("onnx", args.bundle), ("torch", args.checkpoint)):
-        if needed is None:
-            continue
-        cmd = [sys.executable, "-m", "benchmarks.speech", "--engine", engine, "--codes", str(args.codes),
-               "--threads", str(args.threads), "--repeats", str(args.repeats),
-               "--bundle" if engine == "onnx" else "--checkpoint", str(needed)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-        log.info("%s: RTF %.3f, first audio %.2f s", engine, results[-1]["rtf"], results[-1]["first_audio_s"])
+    import tempfile
+
+    jobs = []
+    with tempfile.TemporaryDirectory(prefix="speech-bench-") as tmp:
+        if args.bundle is not None:
+            jobs.append(("onnx", ["--bundle", str(args.bundle)]))
+        else:
+            for precision in args.precisions.split(","):
+                t0 = time.perf_counter()
+                export_speech(args.checkpoint, Path(tmp) / precision, precision)
+                log.info("exported the %s speech graphs in %.1f s", precision, time.perf_counter() - t0)
+                jobs.append(("onnx", ["--bundle", str(Path(tmp) / precision)]))
+        jobs.append(("torch", ["--checkpoint", str(args.checkpoint)]))
+        results = [_spawn(engine, where, args) for engine, where in jobs]
     print(markdown(results, args))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

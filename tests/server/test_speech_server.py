@@ -107,3 +107,19 @@ def test_audio_from_a_model_without_speech_is_a_400():
             "model": "fake-model", "messages": QUESTION, "modalities": ["text", "audio"],
             "audio": {"voice": "default", "format": "wav"}})
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_audio_output"
+
+
+def test_the_real_speech_graphs_through_the_openai_client(fp32_bundle):
+    """The tiny bundle's own speech graphs (not a stand-in): streamed and not, the same WAV."""
+    pipe = Pipeline.load(fp32_bundle, provider="cpu", context_length=512)
+    assert pipe.tts is not None
+    pipe.speech_info = {**pipe.speech_info, "max_new_codes": 120}  # random weights seldom end: keep it short
+    with running_server(pipe) as (url, _):
+        oai = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        audio = _ask(oai).choices[0].message.audio
+        whole, rate = sf.read(io.BytesIO(base64.b64decode(audio.data)), dtype="float32")
+        pieces = [base64.b64decode(c.choices[0].delta.audio.data) for c in _ask(oai, stream=True)
+                  if c.choices and c.choices[0].delta.audio and c.choices[0].delta.audio.data]
+    streamed, rate2 = sf.read(io.BytesIO(b"".join(pieces)), dtype="float32")
+    assert rate == rate2 == 24000 and len(whole) <= 120 * 512 and len(whole) > 0
+    np.testing.assert_array_equal(streamed, whole)
