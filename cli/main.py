@@ -174,13 +174,16 @@ def _pairs(specs: tuple[str, ...], flag: str, kind) -> tuple:
 @click.option("--tts-precision", type=click.Choice(["int8", "int4", "fp32"]), default="int8", show_default=True,
               help="The speech model's (TTS decoder's) linear layers.")
 @click.option("--no-tts", is_flag=True, help="Do not export the speech model (the bundle cannot speak).")
+@click.option("--voice", "voices", multiple=True, metavar="NAME=FILE",
+              help="Carry a voice for spoken replies: a reference clip of a few seconds (repeatable; "
+                   "default=FILE sets the default voice). The checkpoint's example voices come along.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @_fail_cleanly
 def export(checkpoint: str, output: Path | None, precision: str, lm_head_precision: str | None,
            block_size: str, accuracy_level: int, vision_precision: str, decoder_dtype: str, kv_cache: str,
            kv_calibration_text: Path | None, imatrix_text: Path | None, tensor_precision: tuple[str, ...],
            tensor_accuracy: tuple[str, ...], no_audio: bool, tts_precision: str, no_tts: bool,
-           overwrite: bool) -> None:
+           voices: tuple[str, ...], overwrite: bool) -> None:
     """Export CHECKPOINT (a local snapshot folder or a hub id) into a bundle folder.
 
     \b
@@ -197,7 +200,13 @@ def export(checkpoint: str, output: Path | None, precision: str, lm_head_precisi
                          imatrix_text=str(imatrix_text) if imatrix_text else None,
                          tensor_precision=_pairs(tensor_precision, "--tensor-precision", str),
                          tensor_accuracy=_pairs(tensor_accuracy, "--tensor-accuracy", int),
-                         audio=not no_audio, tts=not no_tts, tts_precision=tts_precision)
+                         audio=not no_audio, tts=not no_tts, tts_precision=tts_precision,
+                         voices=_pairs(voices, "--voice", str))
+    if opts.voices:  # a bad clip fails now, not after the graphs are written
+        from ..runtime.voices import reference_clip
+
+        for name, src in opts.voices:
+            reference_clip(src, source=f"--voice {name}")
     _interrupt_on_sigterm()
     with ProgressPrinter() as progress:
         out = export_bundle(checkpoint, output, opts, overwrite=overwrite, progress=progress)

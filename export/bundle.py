@@ -32,6 +32,7 @@ from .staging import staged_folder
 from .vision import INPUTS as VISION_INPUTS
 from .vision import OUTPUT as VISION_OUTPUT
 from .vision import build_vision_graph
+from .voices import write_voices
 
 log = logging.getLogger(__name__)
 Progress = Callable[..., None]  # (stage, done, total, unit=""): unit names what is counted
@@ -112,6 +113,7 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, name: str, opts: ExportOptions
                              "chunk_input": cfg.chunk_input, "sample_rate": 16000}
     if speech:
         manifest["speech"] = write_speech(ckpt, folder, opts, _graph_io, progress)
+        manifest["speech"]["voices"] = write_voices(ckpt.folder, folder, opts.voices)
     manifest["export_seconds"] = round(time.time() - t0, 1)
     files = sorted(p.name for p in folder.iterdir())
     manifest["files"] = mf.describe_files(folder, files, progress=lambda i, n: progress("hashing", i, n, "files"))

@@ -54,6 +54,8 @@ class ExportOptions:
     # default, as its sampled codes feed back into it and its 626-way heads are small.
     tts: bool = True
     tts_precision: str = "int8"
+    # Voices to carry besides the checkpoint's own (export/voices.py): (name, reference clip path) pairs.
+    voices: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:

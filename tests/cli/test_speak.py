@@ -88,3 +88,22 @@ def test_speak_on_a_bundle_without_speech_is_an_error(mute_bundle, tmp_path):
     assert not out.exists()
     proc = minicpmo("chat", "--model", mute_bundle, "--speak", "--speak-dir", tmp_path, check=False, input="hi\n")
     assert proc.returncode == 1 and "cannot speak" in proc.stderr
+
+
+def test_export_carries_voices_and_infer_speaks_in_them(tiny_checkpoint, tmp_path):
+    anna = tmp_path / "anna.wav"
+    sf.write(anna, tone(2.0, freq=300.0), 16000)
+    bundle = tmp_path / "voiced"
+    minicpmo("export", tiny_checkpoint, "-o", bundle, "--precision", "fp32", "--voice", f"anna={anna}",
+             "--voice", f"default={anna}")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["speech"]["voices"] == {"anna": "voice-anna.wav", "default": "voice-default.wav"}
+    assert "voice-anna.wav" in manifest["files"]  # covered by the digests like every other file
+    out = json.loads(minicpmo("infer", "--model", bundle, "--prompt", "Hi.", "--max-tokens", "3", "--speak",
+                              tmp_path / "a.wav", "--voice", "anna", "--json").stdout)
+    from minicpmo.runtime.tokenizer import Tokenizer
+
+    assert Tokenizer(bundle / "tokenizer.json").token_to_id("<|audio_start|>") in out["prompt_token_ids"]
+    bad = minicpmo("export", tiny_checkpoint, "-o", tmp_path / "no", "--voice", f"x={tmp_path / 'nope.wav'}",
+                   check=False)
+    assert bad.returncode == 1 and "no such audio file" in bad.stderr and not (tmp_path / "no").exists()
