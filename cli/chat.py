@@ -23,6 +23,7 @@ HELP = "\n".join([
     r"  \image SRC [question]     add an image (path, URL, data URI); ask now or with the next line",
     r"  \audio FILE [question]    add an audio clip",
     r"  \video FILE|DIR [question]  add a video (file with PyAV, or a folder of frames)",
+    r"  \voice NAME|FILE          the voice of spoken replies (with --speak): a bundle voice or a clip",
     r"  \system [TEXT]            set the system prompt (no text: the default) and start over",
     r"  \clear                    start a new conversation",
     r"  \help                     this list",
@@ -38,11 +39,13 @@ def _info(text: str) -> None:
 
 class ChatSession:
     def __init__(self, pipe: Pipeline, params: GenerationParams, system: str | None = None,
-                 max_slices: int | None = None):
+                 max_slices: int | None = None, speak_dir: Path | None = None, speech=None):
         self.pipe, self.params, self.max_slices = pipe, params, max_slices
         self.default_system = self.system = system
         self.history: list[dict] = []
         self.pending: list[dict] = []  # media parts waiting for the next question
+        self.speak_dir, self.speech = speak_dir, speech  # speech None: text only
+        self.replies = 0  # spoken replies written: reply-1.wav, reply-2.wav, ...
 
     def handle(self, line: str) -> bool:
         """Process one input line; False means leave."""
@@ -58,6 +61,8 @@ class ChatSession:
             _info("(conversation cleared)")
         elif command == r"\system":
             self.set_system(rest.strip())
+        elif command == r"\voice":
+            self.set_voice(rest.strip())
         elif command in MEDIA_COMMANDS:
             self.add_media(command, rest.strip())
         else:
@@ -69,6 +74,25 @@ class ChatSession:
         self.history, self.pending = [], []
         _info("(system prompt set; conversation cleared)" if text else
               "(system prompt restored to the default; conversation cleared)")
+
+    def set_voice(self, voice: str) -> None:
+        if self.speech is None:
+            _info(r"(\voice needs --speak)")
+            return
+        if not voice:
+            _info(f"usage: \\voice NAME|FILE (voices: {', '.join(self.pipe.voices.names)})")
+            return
+        from .speak import speech_request
+
+        try:
+            speech = speech_request(voice, self.params.seed)
+            if speech.reference is None:
+                self.pipe.voices.clip(speech.voice)  # an unknown name fails here, not at the next reply
+        except MiniCPMOError as e:
+            _info(f"error: {e}")
+            return
+        self.speech = speech
+        _info(f"(replies now speak in {'the voice of ' + voice if speech.reference is not None else voice!r})")
 
     def add_media(self, command: str, args: str) -> None:
         src, _, question = args.partition(" ")
@@ -106,10 +130,12 @@ class ChatSession:
     def ask(self, text: str) -> None:
         turn = {"role": "user", "content": self.pending + [{"type": "text", "text": text}]}
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history + [turn]
-        texts, ids, last = [], [], None
-        replies = self.pipe.generate(messages, self.params)
+        texts, ids, last, audio = [], [], None, []
+        replies = self.pipe.generate(messages, self.params, self.speech)
         try:
             for chunk in replies:
+                if chunk.audio is not None:
+                    audio.append(chunk.audio)
                 ids += chunk.token_ids
                 if chunk.text:
                     texts.append(chunk.text)
@@ -127,6 +153,11 @@ class ChatSession:
         finally:
             replies.close()
         self._finish_turn(turn, "".join(texts), ids, last)
+        if self.speech is not None and last is not None:
+            from .speak import save_reply
+
+            self.replies += 1
+            _info(save_reply(self.speak_dir / f"reply-{self.replies}.wav", audio, last.usage.speech))
 
     def _finish_turn(self, turn: dict, text: str, ids: list[int], last) -> None:
         if text:
@@ -187,13 +218,22 @@ def _enable_line_editing() -> None:
 
 
 def run_chat(*, model, provider, threads, context_length, sampling, system: str | None = None,
-             max_slices: int | None = None, cuda_graph: bool = True) -> None:
+             max_slices: int | None = None, cuda_graph: bool = True, speak_dir: Path | None = None,
+             voice: str | None = None) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         _enable_line_editing()
+    params = GenerationParams(**sampling)
+    speech = None
+    if speak_dir is not None:  # a bad reference clip fails before the model loads
+        from .speak import speech_request
+
+        speech = speech_request(voice, params.seed)
     pipe = Pipeline.load(model, provider=provider, threads=threads, context_length=context_length,
-                         cuda_graph=cuda_graph)
-    session = ChatSession(pipe, GenerationParams(**sampling), system=system, max_slices=max_slices)
+                         cuda_graph=cuda_graph, speech=speak_dir is not None)
+    if speak_dir is not None and pipe.tts is None:
+        raise MiniCPMOError("--speak: this model cannot speak (its bundle was exported without the speech model)")
+    session = ChatSession(pipe, params, system=system, max_slices=max_slices, speak_dir=speak_dir, speech=speech)
     _info(f"{pipe.model_name} ready ({pipe.context_length} tokens of context). Commands:\n{HELP}")
     for line in _read_lines(interactive):
         if line and not session.handle(line):

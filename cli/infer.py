@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
@@ -64,14 +65,22 @@ def stats_line(usage: Usage, lookup: bool) -> str:
 
 
 def run_infer(*, model, provider, threads, context_length, media: MediaArgs, prompt, system, as_json,
-              sampling, cuda_graph: bool = True) -> None:
+              sampling, cuda_graph: bool = True, speak: Path | None = None, voice: str | None = None) -> None:
     content = media_parts(media) + [{"type": "text", "text": prompt}]
+    speech = None
+    if speak is not None:
+        from .speak import check_output, speech_request
+
+        check_output(speak)
+        speech = speech_request(voice, sampling.get("seed"))
     pipe = Pipeline.load(model, provider=provider, threads=threads, context_length=context_length,
-                         cuda_graph=cuda_graph)
+                         cuda_graph=cuda_graph, speech=speak is not None)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     params = GenerationParams(**sampling)
-    text, ids, last = [], [], None
-    for chunk in pipe.generate(messages, params):
+    text, ids, last, audio = [], [], None, []
+    for chunk in pipe.generate(messages, params, speech):
+        if chunk.audio is not None:
+            audio.append(chunk.audio)
         ids += chunk.token_ids
         if chunk.text:
             text.append(chunk.text)
@@ -83,9 +92,19 @@ def run_infer(*, model, provider, threads, context_length, media: MediaArgs, pro
     if params.max_tokens > room:
         click.echo(f"note: --max-tokens {params.max_tokens} is more than the context leaves for the reply "
                    f"({room} of {pipe.context_length} tokens)", err=True)
+    said = None
+    if speak is not None:
+        from .speak import save_reply
+
+        said = save_reply(speak, audio, last.usage.speech)
     if as_json:
-        click.echo(json.dumps({"text": "".join(text), "finish_reason": last.finish_reason, "token_ids": ids,
-                               "prompt_token_ids": pipe.last_prompt_ids, "usage": last.usage.as_dict()}))
+        out = {"text": "".join(text), "finish_reason": last.finish_reason, "token_ids": ids,
+               "prompt_token_ids": pipe.last_prompt_ids, "usage": last.usage.as_dict()}
+        if speak is not None:
+            s = last.usage.speech
+            out["audio"] = {"path": str(speak), "seconds": round(s.audio_seconds, 3), "codes": s.codes,
+                            "compute_seconds": round(s.seconds, 3), "truncated_text": s.truncated_text}
+        click.echo(json.dumps(out))
     else:
         click.echo()
         note = length_note(last.usage, params.max_tokens, pipe.context_length) if last.finish_reason == "length" \
@@ -93,4 +112,6 @@ def run_infer(*, model, provider, threads, context_length, media: MediaArgs, pro
         if note:
             click.echo(f"({note})", err=True)
         click.echo(stats_line(last.usage, bool(sampling.get("lookup"))), err=True)
+    if said:
+        click.echo(said, err=True)
     sys.stdout.flush()

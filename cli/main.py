@@ -26,6 +26,7 @@ from .options import (
     SAMPLING,
     SAMPLING_NAMES,
     SYSTEM,
+    VOICE,
     ByteSize,
     human_bytes,
 )
@@ -103,10 +104,11 @@ def cli(verbose: bool) -> None:
               help="tiny: seconds to export; small: a 1.5B decoder; full: MiniCPM-o 2.6's exact shapes (8.7B).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--no-audio", is_flag=True, help="Leave out the audio encoder weights.")
+@click.option("--no-tts", is_flag=True, help="Leave out the speech weights (tts.*, assets/).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Copy this tokenizer folder instead of making a small byte-level BPE.")
 @_fail_cleanly
-def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path | None) -> None:
+def synth(out: Path, size: str, seed: int, no_audio: bool, no_tts: bool, tokenizer_dir: Path | None) -> None:
     """Write a synthetic checkpoint in the exact upstream format (random weights: fluent nonsense).
 
     \b
@@ -115,7 +117,8 @@ def synth(out: Path, size: str, seed: int, no_audio: bool, tokenizer_dir: Path |
     from ..export.synth import write_synthetic_checkpoint
 
     _interrupt_on_sigterm()
-    path = write_synthetic_checkpoint(out, size=size, seed=seed, audio=not no_audio, tokenizer_dir=tokenizer_dir)
+    path = write_synthetic_checkpoint(out, size=size, seed=seed, audio=not no_audio, tokenizer_dir=tokenizer_dir,
+                                      tts=not no_tts)
     click.echo(str(path))
 
 
@@ -168,12 +171,19 @@ def _pairs(specs: tuple[str, ...], flag: str, kind) -> tuple:
 @click.option("--tensor-accuracy", "tensor_accuracy", multiple=True, metavar="PATTERN=LEVEL",
               help="A decoder layer's own MatMulNBits accuracy level, e.g. 'layers.*/mlp/down_proj=0'.")
 @click.option("--no-audio", is_flag=True, help="Do not export the audio encoder.")
+@click.option("--tts-precision", type=click.Choice(["int8", "int4", "fp32"]), default="int8", show_default=True,
+              help="The speech model's (TTS decoder's) linear layers.")
+@click.option("--no-tts", is_flag=True, help="Do not export the speech model (the bundle cannot speak).")
+@click.option("--voice", "voices", multiple=True, metavar="NAME=FILE",
+              help="Carry a voice for spoken replies: a reference clip of a few seconds (repeatable; "
+                   "default=FILE sets the default voice). The checkpoint's example voices come along.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @_fail_cleanly
 def export(checkpoint: str, output: Path | None, precision: str, lm_head_precision: str | None,
            block_size: str, accuracy_level: int, vision_precision: str, decoder_dtype: str, kv_cache: str,
            kv_calibration_text: Path | None, imatrix_text: Path | None, tensor_precision: tuple[str, ...],
-           tensor_accuracy: tuple[str, ...], no_audio: bool, overwrite: bool) -> None:
+           tensor_accuracy: tuple[str, ...], no_audio: bool, tts_precision: str, no_tts: bool,
+           voices: tuple[str, ...], overwrite: bool) -> None:
     """Export CHECKPOINT (a local snapshot folder or a hub id) into a bundle folder.
 
     \b
@@ -190,7 +200,13 @@ def export(checkpoint: str, output: Path | None, precision: str, lm_head_precisi
                          imatrix_text=str(imatrix_text) if imatrix_text else None,
                          tensor_precision=_pairs(tensor_precision, "--tensor-precision", str),
                          tensor_accuracy=_pairs(tensor_accuracy, "--tensor-accuracy", int),
-                         audio=not no_audio)
+                         audio=not no_audio, tts=not no_tts, tts_precision=tts_precision,
+                         voices=_pairs(voices, "--voice", str))
+    if opts.voices:  # a bad clip fails now, not after the graphs are written
+        from ..runtime.voices import reference_clip
+
+        for name, src in opts.voices:
+            reference_clip(src, source=f"--voice {name}")
     _interrupt_on_sigterm()
     with ProgressPrinter() as progress:
         out = export_bundle(checkpoint, output, opts, overwrite=overwrite, progress=progress)
@@ -229,47 +245,63 @@ def _print_export_summary(out: Path) -> None:
               help="Most video frames (spread evenly over the video).")
 @click.option("--prompt", required=True, metavar="TEXT", help="The question.")
 @SYSTEM
+@click.option("--speak", type=click.Path(path_type=Path), metavar="FILE.wav",
+              help="Also speak the reply: write it as a 24 kHz WAV file (bundles exported with speech).")
+@VOICE
 @SAMPLING
 @RUNTIME
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_fail_cleanly
-def infer(model, images, max_slices, audios, video, frames, fps, max_frames, prompt, system, as_json,
-          **kwargs) -> None:
+def infer(model, images, max_slices, audios, video, frames, fps, max_frames, prompt, system, speak, voice,
+          as_json, **kwargs) -> None:
     """Answer one question about images, audio clips or a video.
 
     \b
     minicpmo infer --model models/minicpmo-int4 --image photo.jpg --prompt "What is in it?"
     minicpmo infer --model models/minicpmo-int4 --audio clip.wav --prompt "What do you hear?" --json
     minicpmo infer --model models/minicpmo-int4 --frames clip/ --prompt "What happens?"
+    minicpmo infer --model models/minicpmo-int4 --prompt "Say hello." --speak hello.wav --voice me.wav
     """
     from .infer import MediaArgs, run_infer
 
+    if voice and not speak:
+        raise click.UsageError("--voice needs --speak FILE.wav")
     media = MediaArgs(images=images, max_slices=max_slices, audios=audios, video=video, frames=frames, fps=fps,
                       max_frames=max_frames)
+    sampling = _sampling(kwargs)
     run_infer(model=model, media=media, prompt=prompt, system=system, as_json=as_json,
-              sampling=_sampling(kwargs), **_runtime(kwargs))
+              sampling=sampling, speak=speak, voice=voice, **_runtime(kwargs))
 
 
 @cli.command()
 @MODEL
 @MAX_SLICES
 @SYSTEM
+@click.option("--speak", is_flag=True, help="Also speak each reply: write it as reply-N.wav (24 kHz) in --speak-dir.")
+@click.option("--speak-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, metavar="DIR", help="Where --speak writes its files.")
+@VOICE
 @SAMPLING
 @RUNTIME
 @_fail_cleanly
-def chat(model, max_slices, system, **kwargs) -> None:
-    r"""Interactive multi-turn chat; earlier turns stay in the KV cache.
+def chat(model, max_slices, system, speak, speak_dir, voice, **kwargs) -> None:
+    """Interactive multi-turn chat; earlier turns stay in the KV cache.
 
-    Type a question, or a command: \image SRC [question], \audio FILE [question], \video FILE|DIR
-    [question], \system [TEXT], \clear, \help, \exit. Ctrl-C stops a reply; Ctrl-D leaves.
+    Type a question, or a command: \\image SRC [question], \\audio FILE [question], \\video FILE|DIR
+    [question], \\voice NAME|FILE, \\system [TEXT], \\clear, \\help, \\exit. Ctrl-C stops a reply; Ctrl-D
+    leaves.
 
     \b
     minicpmo chat --model models/minicpmo-int4
     minicpmo chat --model models/minicpmo-int4 --system "Answer in one sentence." --temperature 0.7
+    minicpmo chat --model models/minicpmo-int4 --speak --speak-dir replies/ --voice me.wav
     """
     from .chat import run_chat
 
-    run_chat(model=model, system=system, max_slices=max_slices, sampling=_sampling(kwargs), **_runtime(kwargs))
+    if voice and not speak:
+        raise click.UsageError("--voice needs --speak")
+    run_chat(model=model, system=system, max_slices=max_slices, sampling=_sampling(kwargs),
+             speak_dir=speak_dir if speak else None, voice=voice, **_runtime(kwargs))
 
 
 @cli.command()

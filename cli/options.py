@@ -83,3 +83,7 @@ RUNTIME = stack(
                  help="Context length: the KV cache's size, prompt and reply together [4096]."),
     click.option("--no-cuda-graph", is_flag=True, help="On CUDA, run every decode step without graph replay."),
 )
+
+VOICE = click.option("--voice", metavar="NAME|FILE",
+                     help="The voice of --speak: a voice the bundle carries, or a reference clip (an audio "
+                          "file of a few seconds) to imitate [default].")

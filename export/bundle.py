@@ -21,6 +21,7 @@ from ..runtime import manifest as mf
 from .audio import INPUTS as AUDIO_INPUTS
 from .audio import OUTPUT as AUDIO_OUTPUT
 from .audio import build_audio_graph, chunk_frames
+from .bundle_speech import write_speech
 from .checkpoint import Checkpoint, open_checkpoint
 from .decoder import IO as DECODER_IO
 from .decoder import build_decoder_graph, compute_dtype, use_int8_kv_cache
@@ -31,6 +32,7 @@ from .staging import staged_folder
 from .vision import INPUTS as VISION_INPUTS
 from .vision import OUTPUT as VISION_OUTPUT
 from .vision import build_vision_graph
+from .voices import write_voices
 
 log = logging.getLogger(__name__)
 Progress = Callable[..., None]  # (stage, done, total, unit=""): unit names what is counted
@@ -64,12 +66,14 @@ def export_bundle(source: str | Path, out_dir: str | Path | None = None, opts: E
     opts = opts or ExportOptions()
     ckpt = open_checkpoint(source)
     parts = ["vision", "resampler", "decoder"] + (["audio"] if opts.audio and _has_audio(ckpt) else [])
+    parts += ["tts"] if opts.tts and ckpt.has_tts() else []
     ckpt.validate(parts=tuple(parts))
     out = Path(out_dir) if out_dir else default_output_dir(source, opts)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     with staged_folder(out) as tmp:
-        _write_bundle(ckpt, tmp, out.name, opts, progress or _log_progress, audio="audio" in parts)
+        _write_bundle(ckpt, tmp, out.name, opts, progress or _log_progress, audio="audio" in parts,
+                      speech="tts" in parts)
     return out
 
 
@@ -78,7 +82,7 @@ def _has_audio(ckpt: Checkpoint) -> bool:
 
 
 def _write_bundle(ckpt: Checkpoint, folder: Path, name: str, opts: ExportOptions, progress: Progress,
-                  audio: bool = False) -> None:
+                  audio: bool = False, speech: bool = False) -> None:
     cfg = ckpt.config
     t0 = time.time()
     quant_errors: dict[str, float] = {}
@@ -107,6 +111,9 @@ def _write_bundle(ckpt: Checkpoint, folder: Path, name: str, opts: ExportOptions
                              "output_name": AUDIO_OUTPUT, "chunk_frames": chunk_frames(cfg),
                              "pool_step": cfg.audio_pool_step, "chunk_length_s": cfg.audio_chunk_length,
                              "chunk_input": cfg.chunk_input, "sample_rate": 16000}
+    if speech:
+        manifest["speech"] = write_speech(ckpt, folder, opts, _graph_io, progress)
+        manifest["speech"]["voices"] = write_voices(ckpt.folder, folder, opts.voices)
     manifest["export_seconds"] = round(time.time() - t0, 1)
     files = sorted(p.name for p in folder.iterdir())
     manifest["files"] = mf.describe_files(folder, files, progress=lambda i, n: progress("hashing", i, n, "files"))
@@ -256,7 +263,7 @@ def _manifest(ckpt, name, opts, graphs, embed, tokenizer, quant_errors) -> dict:
                     "accuracy_level": opts.accuracy_level, "decoder_dtype": opts.decoder_dtype,
                     "kv_cache": opts.kv_cache,
                     "tensor_precision": [list(t) for t in opts.tensor_precision],
-                    "tensor_accuracy": [list(t) for t in opts.tensor_accuracy],
+                    "tensor_accuracy": [list(t) for t in opts.tensor_accuracy], "tts_precision": opts.tts_precision,
                     "imatrix": _imatrix_summary(opts)},
         "decoder": {"file": "decoder.onnx", **_graph_io(graphs["decoder"]),
                     "io": {k: getattr(DECODER_IO, k) for k in DECODER_IO.__dataclass_fields__},

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .hf_config import MiniCPMOConfig, load_config
+from .tts_config import TTSConfig, parse_tts_config
+from .tts_tensors import dvae_sizes, tts_tensors
 
 
 class CheckpointError(ValueError):
@@ -28,9 +30,10 @@ class CheckpointError(ValueError):
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt")
-HUB_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "vocab.json"]  # *.json covers tokenizer/config files
-PARTS = ("vision", "resampler", "decoder", "audio")
-IGNORED_PREFIXES = ("tts.",)  # speech output is not exported; its tensors are skipped whatever they hold
+# *.json covers the tokenizer and config files (assets/chattts_tokenizer/ too); Vocos.pt is the vocoder
+HUB_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "assets/Vocos.pt"]
+PARTS = ("vision", "resampler", "decoder", "audio", "tts")
+TTS_PREFIX = "tts."  # checked only when the speech part is requested; skipped whatever they hold otherwise
 AUDIO_PREFIXES = ("apm.", "audio_projection_layer.")  # checked only when the audio part is requested
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -133,6 +136,7 @@ _PART_TABLES = {"decoder": _decoder_tensors, "vision": _vision_tensors,  # in up
 def expected_tensors(config: MiniCPMOConfig, parts=PARTS) -> dict[str, Shape]:
     """Every tensor name -> shape that the given parts need, in upstream order (llm, vpm, resampler, apm)."""
     unknown = sorted(set(parts) - set(PARTS))
+    parts = tuple(p for p in parts if p != "tts")  # the speech table needs the stored shapes: Checkpoint.tts_tensors
     if unknown:
         raise CheckpointError(f"unknown part(s) {unknown}; choose from {list(PARTS)}")
     return {k: v for part in _PART_TABLES if part in parts for k, v in _PART_TABLES[part](config).items()}
@@ -275,6 +279,20 @@ class Checkpoint:
             return np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
         return raw.astype(np.float32)
 
+    def tts_config(self) -> TTSConfig:
+        """config.json's tts_config (upstream defaults; llm_dim = the LLM's width when it is absent)."""
+        raw = self.config.raw.get("tts_config")
+        return parse_tts_config(raw if raw is not None else {"llm_dim": self.config.decoder.hidden_size})
+
+    def has_tts(self) -> bool:
+        return any(k.startswith(TTS_PREFIX) for k in self._tensors)
+
+    def tts_tensors(self) -> dict[str, Shape]:
+        """The tts.* names and shapes this checkpoint must hold: the TTS Llama's from tts_config, the
+        DVAE's from its stored widths (upstream hard-codes them)."""
+        layers = sum(1 for k in self._tensors if k.startswith("tts.dvae.decoder.decoder_block.") and k.endswith(".coef"))
+        return tts_tensors(self.tts_config(), dvae_sizes(self.shape, layers))
+
     def tokenizer_files(self) -> list[Path]:
         return [self.folder / n for n in TOKENIZER_FILES if (self.folder / n).is_file()]
 
@@ -290,13 +308,15 @@ class Checkpoint:
 
     def validate(self, parts=PARTS) -> None:
         """Check every tensor the given parts need (name, shape, dtype) and that the files are whole;
-        raise CheckpointError naming the first problem. `tts.*` is ignored; `apm.*` and
-        `audio_projection_layer.*` matter only when "audio" is in parts; any other unknown key is an error."""
+        raise CheckpointError naming the first problem. `tts.*` matters only when "tts" is in parts,
+        `apm.*` and `audio_projection_layer.*` only when "audio" is; any other unknown key is an error."""
         for path in self._files:  # files may have changed since opening
             if not path.is_file():
                 raise CheckpointError(f"{path.name}: missing")
             read_header(path)
         want = expected_tensors(self.config, parts)
+        if "tts" in parts:
+            want |= self.tts_tensors()
         for name, shape in want.items():
             info = self.info(name)
             _check_dtype(name, info.dtype)
@@ -305,7 +325,7 @@ class Checkpoint:
         known = set(want) | set(expected_tensors(self.config, ("vision", "resampler", "decoder")))
         if self.config.decoder.tie_word_embeddings:
             known.add("llm.lm_head.weight")  # tied: usually dropped on save, harmless if kept
-        skipped = IGNORED_PREFIXES + (() if "audio" in parts else AUDIO_PREFIXES)
+        skipped = (() if "tts" in parts else (TTS_PREFIX,)) + (() if "audio" in parts else AUDIO_PREFIXES)
         if self.config.drop_vision_last_layer:  # unused upstream, but a full-model save may still hold it
             skipped += (f"vpm.encoder.layers.{self.config.vision.num_hidden_layers - 1}.",)
         for name, info in self._tensors.items():

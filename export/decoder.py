@@ -7,7 +7,11 @@ Inputs:  inputs_embeds [1, S, D] f32, past_key_values.{i}.key/value [1, Hkv, M, 
          -1 for the last one, -(1 + N) when a prompt-lookup step verifies N draft tokens).
 Outputs: logits [1, L, V] f32 (the last L = -logits_start positions only: prefill never pays for
          S x V logits),
-         present.{i}.key/value (the same buffers, written in place by GroupQueryAttention).
+         present.{i}.key/value (the same buffers, written in place by GroupQueryAttention),
+         hidden_states [1, S, D] f32: the final norm's output at every position run, what upstream's
+         `output_hidden_states[-1]` gives. Speech reads it once, at the `<|spk|>` position (the
+         speaker condition); a run that does not bind it only pays one S x D copy, nothing measurable
+         next to a step's weight reads, so every bundle has it.
 
 The compute dtype (`ExportOptions.decoder_dtype`) is that of the KV cache, the activations, the norm
 weights and the quantization scales: fp32 for CPUs, fp16 for GPUs. inputs_embeds and logits are f32
@@ -51,6 +55,7 @@ class DecoderIO:
     total_sequence_length: str = "total_sequence_length"
     logits_start: str = "logits_start"
     logits: str = "logits"
+    hidden_states: str = "hidden_states"
     past_key: str = "past_key_values.{i}.key"
     past_value: str = "past_key_values.{i}.value"
     present_key: str = "present.{i}.key"
@@ -153,6 +158,7 @@ def _declare_io(g: GraphBuilder, cfg: DecoderConfig, dt: np.dtype) -> None:
     g.input(IO.total_sequence_length, TensorProto.INT32, [])
     g.input(IO.logits_start, TensorProto.INT64, [1])
     g.output(IO.logits, f32, [1, "logits_length", cfg.vocab_size])
+    g.output(IO.hidden_states, f32, [1, "sequence_length", cfg.hidden_size])
     for i in range(cfg.num_hidden_layers):
         g.output(IO.present_key.format(i=i), kv_type, kv)
         g.output(IO.present_value.format(i=i), kv_type, kv)
@@ -196,6 +202,8 @@ def build_decoder_graph(g: GraphBuilder, cfg: DecoderConfig, read: ReadWeight, o
             n, x = skip_rms_norm(g, "/model/norm", mlp, x, read("llm.model.norm.weight"), eps, dtype=dt)
         if progress:
             progress(i + 1, cfg.num_hidden_layers)
+    hidden = n if dt == np.float32 else g.op("Cast", [n], "/model/hidden_states/Cast", to=TensorProto.FLOAT)
+    g.op("Identity", [hidden], "/model/hidden_states/Identity", outputs=[IO.hidden_states])
     # Only the last positions' logits are needed (one, or the ones a draft is verified at): slice before
     # the (vocab-sized) head. The start is a graph input, not computed from a count: Slice reads starts
     # on the CPU, and a node computing them would run there too, which a CUDA graph does not allow.

@@ -14,6 +14,7 @@ VISION_PRECISIONS = ("fp32", "fp16", "int8")
 DECODER_DTYPES = ("fp32", "fp16")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 KV_CACHES = ("auto", "int8")
+TTS_PRECISIONS = ("int8", "int4", "fp32")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,13 @@ class ExportOptions:
     # A text file whose activations weight the 4-bit (and 2-bit) range search of the decoder and its
     # head (export/imatrix.py: llama.cpp's importance matrix, measured while exporting). None: unweighted.
     imatrix_text: str | None = None
+    # Speech: export the TTS decoder, DVAE decoder and Vocos when the checkpoint has tts.* weights. The
+    # TTS decoder's linear layers (the DVAE and Vocos stay fp32: convolutions, a few MB): int8 by
+    # default, as its sampled codes feed back into it and its 626-way heads are small.
+    tts: bool = True
+    tts_precision: str = "int8"
+    # Voices to carry besides the checkpoint's own (export/voices.py): (name, reference clip path) pairs.
+    voices: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -70,6 +78,8 @@ class ExportOptions:
                              "and a GPU step is not bound by the head's bytes")
         if self.kv_calibration_text is not None and self.kv_cache != "int8":
             raise ValueError("a KV calibration text is only used with an int8 KV cache (--kv-cache int8)")
+        if self.tts_precision not in TTS_PRECISIONS:
+            raise ValueError(f"tts precision must be one of {TTS_PRECISIONS}, got {self.tts_precision!r}")
         if not 0 <= self.accuracy_level <= 4:
             raise ValueError(f"accuracy level must be 0..4, got {self.accuracy_level}")
         for pattern, value in self.tensor_precision:

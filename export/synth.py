@@ -2,8 +2,8 @@
 
 Sizes: "full" has the real names and shapes (1,599 tensors, 8.67e9 parameters, ~17 GB in BF16,
 four 5 GB shards); "small" keeps the real vision, audio and TTS shapes around a Qwen2.5-1.5B-shaped
-LLM; "tiny" is for tests. The tensor table comes from checkpoint.expected_tensors (plus the TTS
-tensors, which readers ignore), so the writer and the reader cannot drift apart.
+LLM; "tiny" is for tests. The tensor table comes from checkpoint.expected_tensors (plus the
+speech tensors of export/synth_tts.py), so the writer and the reader cannot drift apart.
 
 Weights are drawn per tensor from a generator seeded by (seed, sha256(name)): the bytes of a tensor
 do not depend on which other tensors are written or in what order. Scales keep a forward pass sane:
@@ -31,6 +31,17 @@ from .checkpoint import INDEX_FILE, TOKENIZER_FILES, CheckpointError, Shape, exp
 from .hf_config import parse_config
 from .staging import staged_folder
 from .synth_tokenizer import build_tokenizer, make_tokenizer
+from .synth_tts import (
+    DVAE_TINY,
+    VOCOS_FILE,
+    VOCOS_TINY,
+    tts_config,
+    tts_init_scale,
+    write_chattts_tokenizer,
+    write_vocos,
+)
+from .tts_config import parse_tts_config
+from .tts_tensors import DVAESizes, VocosSizes, tts_tensors
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]  # (done_bytes, total_bytes, message)
@@ -72,7 +83,7 @@ def synthetic_config(size: str, vocab_size: int, bos_token_id: int | None = None
     cfg = copy.deepcopy(upstream_metadata()["config"])
     cfg["_name_or_path"] = f"synthetic/MiniCPM-o-2_6-{size}"
     cfg.update(_LLM.get(size, {}), vocab_size=vocab_size)
-    cfg["tts_config"]["llm_dim"] = cfg["hidden_size"]
+    cfg["tts_config"] = tts_config(size, cfg["hidden_size"])
     if bos_token_id is not None:
         cfg["bos_token_id"] = bos_token_id
     if eos_token_id is not None:
@@ -83,61 +94,22 @@ def synthetic_config(size: str, vocab_size: int, bos_token_id: int | None = None
     return cfg
 
 
-def tts_tensors(size: str, llm_dim: int) -> dict[str, Shape]:
-    """The tts.* tensors (ConditionalChatTTS, real shapes in order) for small/full; a few small ones for tiny."""
-    if size == "tiny":
-        return {"tts.projector.linear1.weight": (32, llm_dim), "tts.projector.linear1.bias": (32,),
-                "tts.emb_code.0.weight": (16, 32), "tts.head_code.0.parametrizations.weight.original0": (16, 1),
-                "tts.dvae.coef": (1, 100, 1)}
-    h, vq, codes = 768, 4, 626
-    t: dict[str, Shape] = {"tts.projector.linear1.weight": (h, llm_dim), "tts.projector.linear1.bias": (h,),
-                           "tts.projector.linear2.weight": (h, h), "tts.projector.linear2.bias": (h,)}
-    t |= {f"tts.emb_code.{q}.weight": (codes, h) for q in range(vq)} | {"tts.emb_text.weight": (21178, h)}
-    for q in range(vq):  # weight_norm: g [out, 1] and v [out, in]
-        t |= {f"tts.head_code.{q}.parametrizations.weight.original0": (codes, 1),
-              f"tts.head_code.{q}.parametrizations.weight.original1": (codes, h)}
-    t |= _dvae_tensors()
-    t["tts.model.embed_tokens.weight"] = (32000, h)
-    for i in range(20):
-        p = f"tts.model.layers.{i}"
-        t |= {f"{p}.self_attn.{n}.weight": (h, h) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        t |= {f"{p}.mlp.gate_proj.weight": (3072, h), f"{p}.mlp.up_proj.weight": (3072, h),
-              f"{p}.mlp.down_proj.weight": (h, 3072), f"{p}.input_layernorm.weight": (h,),
-              f"{p}.post_attention_layernorm.weight": (h,)}
-    return t | {"tts.model.norm.weight": (h,)}
-
-
-def _dvae_tensors() -> dict[str, Shape]:
-    t: dict[str, Shape] = {"tts.dvae.coef": (1, 100, 1), "tts.dvae.downsample_conv.0.weight": (512, 100, 3),
-                           "tts.dvae.downsample_conv.0.bias": (512,),
-                           "tts.dvae.downsample_conv.2.weight": (512, 512, 4),
-                           "tts.dvae.downsample_conv.2.bias": (512,)}
-    for part, out in (("encoder", 1024), ("decoder", 512)):
-        p = f"tts.dvae.{part}"
-        t |= {f"{p}.conv_in.0.weight": (128, 512, 3), f"{p}.conv_in.0.bias": (128,),
-              f"{p}.conv_in.2.weight": (256, 128, 3), f"{p}.conv_in.2.bias": (256,)}
-        for j in range(12):
-            b = f"{p}.decoder_block.{j}"
-            t |= {f"{b}.coef": (256,), f"{b}.dwconv.weight": (256, 1, 7), f"{b}.dwconv.bias": (256,),
-                  f"{b}.norm.weight": (256,), f"{b}.norm.bias": (256,), f"{b}.pwconv1.weight": (1024, 256),
-                  f"{b}.pwconv1.bias": (1024,), f"{b}.pwconv2.weight": (256, 1024), f"{b}.pwconv2.bias": (256,)}
-        t[f"{p}.conv_out.weight"] = (out, 256, 1)
-    t["tts.dvae.out_conv.weight"] = (100, 512, 3)
-    for r in range(2):
-        p = f"tts.dvae.vq_layer.quantizer.rvqs.{r}"
-        t |= {f"{p}.project_in.weight": (4, 512), f"{p}.project_in.bias": (4,),
-              f"{p}.project_out.weight": (512, 4), f"{p}.project_out.bias": (512,)}
-    return t
-
-
-def planned_tensors(size: str, audio: bool = True, vocab_size: int | None = None) -> list[tuple[str, Shape]]:
+def planned_tensors(size: str, audio: bool = True, vocab_size: int | None = None,
+                    tts: bool = True) -> list[tuple[str, Shape]]:
     """(name, shape) of every tensor a synthetic checkpoint of this size holds, in upstream order.
     vocab_size defaults to 151700 for "full" and to the synthetic tokenizer's size otherwise."""
     if vocab_size is None:
         vocab_size = REAL_VOCAB if size == "full" else make_tokenizer()[0].get_vocab_size(with_added_tokens=True)
-    cfg = parse_config(synthetic_config(size, vocab_size))
+    raw = synthetic_config(size, vocab_size)
+    cfg = parse_config(raw)
     parts = ("decoder", "vision", "resampler") + (("audio",) if audio else ())
-    return list((expected_tensors(cfg, parts) | tts_tensors(size, cfg.decoder.hidden_size)).items())
+    speech = tts_tensors(parse_tts_config(raw["tts_config"]), speech_sizes(size)[0]) if tts else {}
+    return list((expected_tensors(cfg, parts) | speech).items())
+
+
+def speech_sizes(size: str) -> tuple[DVAESizes, VocosSizes]:
+    """The DVAE and Vocos widths of a size: shrunk for tiny, the real ones otherwise."""
+    return (DVAE_TINY, VOCOS_TINY) if size == "tiny" else (DVAESizes(), VocosSizes())
 
 
 def _check_size(size: str) -> None:
@@ -149,7 +121,7 @@ def _check_size(size: str) -> None:
 
 def write_synthetic_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0, audio: bool = True,
                                tokenizer_dir: str | Path | None = None, progress: Progress | None = None,
-                               max_shard_bytes: int | None = None) -> Path:
+                               max_shard_bytes: int | None = None, tts: bool = True) -> Path:
     """Write a random-weight checkpoint folder laid out like the `openbmb/MiniCPM-o-2_6` snapshot.
 
     Args:
@@ -157,6 +129,7 @@ def write_synthetic_checkpoint(out_dir: str | Path, size: str = "tiny", seed: in
         size: "tiny" (tests), "small" (Qwen2.5-1.5B-shaped LLM) or "full" (the real shapes).
         seed: same seed, same bytes.
         audio: False leaves out apm.* and audio_projection_layer.* (tts.* stays, as upstream).
+        tts: False leaves out tts.*, assets/chattts_tokenizer/ and assets/Vocos.pt.
         tokenizer_dir: copy this tokenizer (e.g. the real one) instead of building a small BPE.
         progress: called as progress(done_bytes, total_bytes, message); logs to stderr when None.
         max_shard_bytes: shard size (default: one file for tiny, 2 GB for small, 5 GB for full).
@@ -172,12 +145,12 @@ def write_synthetic_checkpoint(out_dir: str | Path, size: str = "tiny", seed: in
         raise CheckpointError(f"{out} already exists and is not empty; choose a new folder")
     with staged_folder(out) as tmp:
         _write_all(tmp, size, seed, audio, tokenizer_dir, progress or _LogProgress(),
-                   max_shard_bytes or SHARD_BYTES[size])
+                   max_shard_bytes or SHARD_BYTES[size], tts)
     return out
 
 
 def _write_all(folder: Path, size: str, seed: int, audio: bool, tokenizer_dir, progress: Progress,
-               max_shard_bytes: int | None) -> None:
+               max_shard_bytes: int | None, tts: bool = True) -> None:
     vocab, bos, eos = _write_tokenizer(folder, tokenizer_dir)
     if size == "full":  # the real embedding shape, whatever tokenizer rides along
         if vocab > REAL_VOCAB:
@@ -188,7 +161,10 @@ def _write_all(folder: Path, size: str, seed: int, audio: bool, tokenizer_dir, p
     gen = {**meta["generation_config"], "bos_token_id": bos, "eos_token_id": eos}
     _write_json(folder / "generation_config.json", dict(sorted(gen.items())))  # as transformers writes it
     _write_json(folder / "preprocessor_config.json", meta["preprocessor_config"])
-    tensors = planned_tensors(size, audio, vocab)
+    tensors = planned_tensors(size, audio, vocab, tts)
+    if tts:
+        write_chattts_tokenizer(folder)
+        write_vocos(folder / VOCOS_FILE, speech_sizes(size)[1], seed)
     total = sum(2 * math.prod(s) for _, s in tensors)
     free = shutil.disk_usage(folder).free
     if free < total:
@@ -287,6 +263,9 @@ def to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 def init_scale(name: str, shape: Shape) -> tuple[float, float]:
     """(mean, std) of the random values for a tensor, chosen from its name and shape."""
+    special = tts_init_scale(name, shape) if name.startswith("tts.") else None
+    if special is not None:
+        return special
     if len(shape) == 1:  # every 1-D ".weight" here is a norm scale; the rest are biases/coefficients
         return (1.0, NORM_NOISE) if name.endswith(".weight") else (0.0, BIAS_STD)
     if "position" in name:

@@ -67,6 +67,7 @@ class Decoder:
             self._logits_start.update_inplace(np.array([-1], dtype=np.int64))
             self._io.bind_ortvalue_input(io_names["logits_start"], self._logits_start)
         self._prefill_embeds = None  # the host array bound for a prefill chunk, kept alive while bound
+        self._hidden_io = None  # the binding that also fetches hidden_states (forward_hidden), made on first use
         self.cuda_graph = cuda_graph
         self._step_options = self._prefill_options = None
         if cuda_graph:
@@ -102,7 +103,36 @@ class Decoder:
             self._io.bind_ortvalue_output(self.names["logits"], self._logits)
         return out.numpy()[0]
 
-    def _run(self, embeds: np.ndarray, keys: Sequence[Hashable]) -> None:
+    @property
+    def has_hidden_states(self) -> bool:
+        """Whether the graph outputs its final hidden states (bundles exported before speech do not)."""
+        name = self.names.get("hidden_states")
+        return name is not None and name in {o.name for o in self.session.get_outputs()}
+
+    def forward_hidden(self, embeds: np.ndarray, keys: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
+        """As `forward`, also returning the final hidden states of every position run, [S, D] (a copy).
+
+        A second binding holds the same buffers plus the hidden-state output, so a decode step (and a
+        captured CUDA graph) keeps its own binding untouched."""
+        if not self.has_hidden_states:
+            raise ValueError("this bundle's decoder has no hidden_states output (re-export it for speech)")
+        s, hidden = embeds.shape[0], self._step_embeds.shape()[-1]
+        if self._hidden_io is None:
+            io = self.session.io_binding()
+            self.kv.bind(io)
+            io.bind_ortvalue_input(self.names["seqlens_k"], self._seqlens)
+            io.bind_ortvalue_input(self.names["total_sequence_length"], self._total)
+            if self.multi_logits:
+                io.bind_ortvalue_input(self.names["logits_start"], self._logits_start)
+            io.bind_ortvalue_output(self.names["logits"], self._logits)
+            self._hidden_io = io
+        out = ort.OrtValue.ortvalue_from_shape_and_type((1, s, hidden), np.float32, "cpu", 0)
+        self._hidden_io.bind_ortvalue_output(self.names["hidden_states"], out)
+        self._run(embeds, keys, self._hidden_io)
+        return self._logits.numpy()[0, 0], out.numpy()[0].copy()
+
+    def _run(self, embeds: np.ndarray, keys: Sequence[Hashable], io: ort.IOBinding | None = None) -> None:
+        io = io or self._io
         s = embeds.shape[0]
         total = self.kv.length + s
         if total > self.kv.max_length:
@@ -110,26 +140,37 @@ class Decoder:
         rows = np.ascontiguousarray(embeds[None], dtype=np.float32)
         if s == 1:
             self._step_embeds.update_inplace(rows)
-            self._io.bind_ortvalue_input(self.names["inputs_embeds"], self._step_embeds)
+            io.bind_ortvalue_input(self.names["inputs_embeds"], self._step_embeds)
             options = self._step_options
         else:
             self._prefill_embeds = rows
-            self._io.bind_cpu_input(self.names["inputs_embeds"], rows)
+            io.bind_cpu_input(self.names["inputs_embeds"], rows)
             options = self._prefill_options
         self._seqlens.update_inplace(np.array([total - 1], dtype=np.int32))
         # A captured step must not depend on a host value that changes: GroupQueryAttention then reads
         # the real length from seqlens_k on the device, and total_sequence_length is the buffer's.
         host_total = self.kv.max_length if (s == 1 and self.cuda_graph) else total
         self._total.update_inplace(np.array(host_total, dtype=np.int32))
-        self.session.run_with_iobinding(self._io, options)
+        self.session.run_with_iobinding(io, options)
         self.kv.append(keys)
 
     def prefill(self, embeds: np.ndarray, keys: Sequence[Hashable], chunk: int = PREFILL_CHUNK) -> np.ndarray:
         """Run a prompt's new part in chunks; returns the logits of its last position."""
-        logits = None
+        return self.prefill_hidden(embeds, keys, None, chunk)[0]
+
+    def prefill_hidden(self, embeds: np.ndarray, keys: Sequence[Hashable], hidden_at: int | None,
+                       chunk: int = PREFILL_CHUNK) -> tuple[np.ndarray, np.ndarray | None]:
+        """As `prefill`, also returning the final hidden state at index `hidden_at` of `embeds` [D]
+        (None when `hidden_at` is None)."""
+        logits, hidden = None, None
         for start in range(0, embeds.shape[0], chunk):
-            logits = self.forward(embeds[start:start + chunk], keys[start:start + chunk])
-        return logits
+            part, part_keys = embeds[start:start + chunk], keys[start:start + chunk]
+            if hidden_at is not None and start <= hidden_at < start + len(part):
+                logits, rows = self.forward_hidden(part, part_keys)
+                hidden = rows[hidden_at - start]
+            else:
+                logits = self.forward(part, part_keys)
+        return logits, hidden
 
 
 @dataclass
@@ -139,6 +180,7 @@ class StepStats:
     cached_tokens: int = 0
     draft_tokens: int = 0  # prompt lookup: draft tokens fed to the decoder
     accepted_draft_tokens: int = 0  # ... and those the sampler then chose
+    hidden_state: np.ndarray | None = None  # [D]: the final hidden state prefill_prompt was asked for
 
 
 LOOKUP_NGRAMS = (3, 2)  # match the last 3 tokens, else the last 2; one token alone drafts too often in vain
@@ -198,16 +240,25 @@ def lookup_draft(history: np.ndarray, max_tokens: int, ngrams: Sequence[int] = L
 
 
 def prefill_prompt(decoder: Decoder, prompt_embeds: np.ndarray, prompt_keys: Sequence[Hashable],
-                   stats: StepStats, reuse_prefix: bool = True) -> np.ndarray:
+                   stats: StepStats, reuse_prefix: bool = True, hidden_at: int | None = None) -> np.ndarray:
     """Run the part of the prompt the cache does not hold (all of it when `reuse_prefix` is False);
-    return the logits of its last position (a view the next decoder call overwrites)."""
+    return the logits of its last position (a view the next decoder call overwrites).
+
+    hidden_at: a prompt position whose final hidden state is wanted (speech: the `<|spk|>` token); it
+    is run even when the cache holds it, and its state lands in `stats.hidden_state`."""
     kv = decoder.kv
     reuse = kv.common_prefix(prompt_keys) if reuse_prefix else 0
     reuse = min(reuse, len(prompt_keys) - 1)  # at least one position must run to get logits
+    if hidden_at is not None:
+        reuse = min(reuse, hidden_at)
     kv.truncate(reuse)
     stats.cached_tokens = reuse
     t0 = time.perf_counter()
-    logits = decoder.prefill(prompt_embeds[reuse:], prompt_keys[reuse:])
+    if hidden_at is None:
+        logits = decoder.prefill(prompt_embeds[reuse:], prompt_keys[reuse:])
+    else:
+        logits, stats.hidden_state = decoder.prefill_hidden(prompt_embeds[reuse:], prompt_keys[reuse:],
+                                                            hidden_at - reuse)
     stats.prefill_seconds = time.perf_counter() - t0
     return logits
 
@@ -216,14 +267,14 @@ def generate_tokens(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
                     prompt_embeds: np.ndarray, prompt_keys: Sequence[Hashable], prompt_ids: np.ndarray,
                     sample: Callable[[np.ndarray, np.ndarray, int], int], max_tokens: int,
                     stop_ids: set[int], stats: StepStats, reuse_prefix: bool = True,
-                    lookup: int = 0) -> Iterator[int]:
+                    lookup: int = 0, hidden_at: int | None = None) -> Iterator[int]:
     """Yield generated token ids (a stop id is yielded too, then the loop ends).
 
     Reuses the longest cached prefix of the prompt unless `reuse_prefix` is False; `lookup` > 0 feeds
     up to that many prompt-lookup draft tokens with each step (see the module docstring); the caller
     closes the generator to cancel.
     """
-    logits = prefill_prompt(decoder, prompt_embeds, prompt_keys, stats, reuse_prefix)
+    logits = prefill_prompt(decoder, prompt_embeds, prompt_keys, stats, reuse_prefix, hidden_at)
     kv = decoder.kv
     history = list(np.asarray(prompt_ids, dtype=np.int64))
     n_prompt = len(history)

@@ -3,6 +3,8 @@
     media -> slice -> prompt (template + placeholders) -> context check -> vision (cached)
           -> embed tokens -> splice -> prefill (re-using the cached prefix) -> decode -> sample
           -> detokenize -> stop strings -> GenerationChunk stream
+          [speech: voice clip first, TTS template, hidden state at <|spk|> -> runtime/speech.py
+           -> audio chunks after the text]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import spoken_reply as spoken
 from .bundle_check import check_decoder, check_encoder
 from .errors import AudioError, ContextLengthError, InputError
 from .generate import Decoder, StepStats, generate_tokens, prefill_prompt
@@ -25,11 +28,13 @@ from .preprocess.image_io import load_image
 from .preprocess.prompt import build_prompt
 from .sampler import make_sampler
 from .sessions import EmbeddingTable, create_decoder_session, create_session, kv_device, resolve_provider
+from .speech import SpeechRequest
 from .splice import splice_embeddings
 from .stopping import StopMatcher
 from .tokenizer import StreamingDetokenizer, Tokenizer
 from .types import GenerationChunk, GenerationParams, Message, Usage
 from .vision import PreparedImage, VisionEncoder
+from .voices import Voices
 
 VIDEO_MAX_SLICES = 2  # the model card's setting for video frames (1 on request)
 
@@ -43,7 +48,7 @@ class Pipeline:
 
     def __init__(self, manifest: Manifest, provider: str = "auto", threads: int | None = None,
                  context_length: int | None = None, image_cache_bytes: int = 256 * 1024 * 1024,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, speech: bool = True):
         t0 = time.perf_counter()
         self.manifest = manifest
         self.provider = resolve_provider(provider)
@@ -86,6 +91,13 @@ class Pipeline:
             audio = create_session(manifest.path(aud["file"]), self.provider, threads, memory_arena=False)
             check_encoder(manifest, "audio", audio)
             self.audio = AudioEncoder(audio, chunk_frames=aud["chunk_frames"], pool_step=aud["pool_step"])
+        self.tts = None  # the speech model (runtime/tts_model.py), when the bundle has one
+        self.speech_info = speech_info = manifest.get("speech") or {}
+        self.voices = Voices(manifest.folder, speech_info.get("voices", {}))
+        if speech and speech_info:
+            from .tts_model import TTSModel
+
+            self.tts = TTSModel.load(manifest, threads=threads)
         self.last_prompt_ids: list[int] = []
         self.load_seconds = time.perf_counter() - t0
 
@@ -95,19 +107,30 @@ class Pipeline:
         return cls(load_manifest(bundle, verify=kw.pop("verify", False)), **kw)
 
     # -- one request ---------------------------------------------------------------------------
-    def generate(self, messages: list[Message], params: GenerationParams | None = None) -> Iterator[GenerationChunk]:
-        """Stream the assistant's reply. Bad input raises (InputError...) before the first chunk."""
+    def generate(self, messages: list[Message], params: GenerationParams | None = None,
+                 speech: SpeechRequest | None = None) -> Iterator[GenerationChunk]:
+        """Stream the assistant's reply; with `speech`, its audio follows the text (chunks with `audio`,
+        then the final chunk). Bad input raises (InputError...) before the first chunk."""
         params = params or GenerationParams()
         sampler = make_sampler(params)
         if params.lookup and not self.decoder.multi_logits:
             raise InputError("prompt lookup needs a bundle exported with it (this decoder returns one "
                              "position's logits); re-export the model", param="lookup")
-        ids, embeds, keys, usage, max_tokens = self._prepare(messages, params)
+        speech_params = None
+        if speech is not None:
+            speech_params = spoken.speech_params(self, speech, params)
+            messages = spoken.with_voice(self, messages, speech)
+        ids, embeds, keys, usage, max_tokens = self._prepare(messages, params, speak=speech is not None)
+        hidden_at = spoken.speaker_position(self.tokenizer, ids) if speech is not None else None
         stats = StepStats()
         tokens = generate_tokens(self.decoder, self.embed, embeds, keys, ids, sampler, max_tokens,
                                  self.stop_ids | set(params.stop_token_ids), stats, reuse_prefix=params.cache_prompt,
-                                 lookup=params.lookup)
-        yield from self._stream_text(tokens, params, usage, stats)
+                                 lookup=params.lookup, hidden_at=hidden_at)
+        chunks = self._stream_text(tokens, params, usage, stats)
+        if speech is None:
+            yield from chunks
+        else:
+            yield from spoken.stream_speech(self, chunks, stats, speech_params)
 
     def prompt_logits(self, messages: list[Message], cache_prompt: bool = True) -> tuple[np.ndarray, int]:
         """The logits the first reply token is sampled from (a copy), and how many prompt positions
@@ -117,13 +140,15 @@ class Pipeline:
         logits = prefill_prompt(self.decoder, embeds, keys, stats, reuse_prefix=cache_prompt)
         return logits.copy(), stats.cached_tokens
 
-    def _prepare(self, messages: list[Message], params: GenerationParams):
+    def _prepare(self, messages: list[Message], params: GenerationParams, speak: bool = False):
         """Prompt ids, their embeddings (images and audio spliced in) and cache keys, the usage so far,
-        and the number of tokens the context leaves for the reply."""
+        and the number of tokens the context leaves for the reply. `speak`: the TTS template."""
         usage = Usage()
         images = [self.vision.prepare(img, max_slices) for img, max_slices in _visual_parts(messages)]
         clips = _audio_parts(messages)
         template, placeholder = self._audio_prompt_parts(clips)
+        if speak:
+            template = self.tts_template
         extra = {"audio_placeholder": placeholder} if placeholder else {}
         prompt = build_prompt(messages, [im.grid for im in images], self.tokenizer, template,
                               self.params, self.special, **extra)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 # A chat message is a dict, as in the OpenAI API but with decoded media:
 #   {"role": "system" | "user" | "assistant",
 #    "content": str | list[part]}
@@ -54,6 +56,7 @@ class Usage:
     vision_seconds: float = 0.0
     draft_tokens: int = 0  # prompt lookup: draft tokens verified
     accepted_draft_tokens: int = 0  # ... and kept
+    speech: Any = None  # runtime.speech.SpeechStats of a spoken reply
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -86,3 +89,4 @@ class GenerationChunk:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | None while running
     usage: Usage | None = None  # set on the final chunk
+    audio: np.ndarray | None = None  # speech: float32 samples at 24 kHz, after all the text

@@ -40,6 +40,7 @@ from .schemas import (
     unsupported,
 )
 from .settings import ServerSettings
+from .speech_output import AudioOutput, audio_output, decode_reference
 from .worker import DONE, Job, NotReady, QueueFull, Worker
 
 _POLL_S = 0.1  # how often a waiting request checks that its client is still connected
@@ -94,12 +95,15 @@ async def chat_completion(req: ChatCompletionRequest, request: Request, state: S
     pipeline = _check_request(req, state)
     log_ignored_fields(req)
     params = generation_params(req, pipeline.context_length, state.settings)
+    audio = audio_output(req, pipeline)
     if state.worker.full():  # refuse before downloading / decoding any image
         raise _queue_full(state.worker.retry_after())
     messages = await run_in_threadpool(to_runtime_messages, req.messages, state.media)
-    job = Job(request_id, messages, params, asyncio.get_running_loop(), submitted_at=arrived)
+    await run_in_threadpool(decode_reference, req, audio)
+    job = Job(request_id, messages, params, asyncio.get_running_loop(), submitted_at=arrived,
+              speech=audio.speech if audio else None)
     _submit(job, state.worker)
-    run = _Run(job, request, state, served_names(state)[0], arrived + state.settings.request_timeout)
+    run = _Run(job, request, state, served_names(state)[0], arrived + state.settings.request_timeout, audio)
     handed_over = False  # once the stream exists, it owns the job
     try:
         first = await run.next_event()
@@ -155,8 +159,10 @@ def _submit(job: Job, worker: Worker) -> None:
 class _Run:
     """The request side of one job: waits for its events, turns them into response pieces."""
 
-    def __init__(self, job: Job, request: Request, state: ServerState, model: str, deadline: float):
+    def __init__(self, job: Job, request: Request, state: ServerState, model: str, deadline: float,
+                 audio: AudioOutput | None = None):
         self.job, self.request, self.state, self.model, self.deadline = job, request, state, model, deadline
+        self.audio = audio  # None: a text reply
         self.created = int(time.time())
         self.first_chunk_seen = False
 
@@ -182,11 +188,17 @@ class _Run:
 
     async def collect(self, item: Any) -> JSONResponse:
         texts: list[str] = []
+        sound: list = []
         while item is not DONE:
             texts.append(item.text)
+            if item.audio is not None:
+                sound.append(item.audio)
             if item.finish_reason is not None:
                 usage = self._usage(item.usage)
-                choice = Choice(message=ResponseMessage(content="".join(texts)), finish_reason=item.finish_reason)
+                text = "".join(texts)
+                message = (ResponseMessage(content=text) if self.audio is None else
+                           ResponseMessage(content=None, audio=self.audio.message_audio(text, sound)))
+                choice = Choice(message=message, finish_reason=item.finish_reason)
                 body = ChatCompletion(id=self.job.request_id, created=self.created, model=self.model,
                                       choices=[choice], usage=usage)
                 return JSONResponse(body.model_dump(mode="json"))
@@ -198,8 +210,11 @@ class _Run:
         try:
             yield self._chunk(Delta(role="assistant", content=""))
             while item is not DONE:
+                if item.audio is not None:
+                    yield self._chunk(Delta(audio=self.audio.delta_audio(item.audio)))
                 if item.text:
-                    yield self._chunk(Delta(content=item.text))
+                    yield self._chunk(Delta(content=item.text) if self.audio is None
+                                      else Delta(audio={"transcript": item.text}))
                 if item.finish_reason is not None:
                     usage = self._usage(item.usage)
                     yield self._chunk(Delta(), finish_reason=item.finish_reason)

@@ -9,7 +9,8 @@ silently ignored setting. Three kinds of declared fields:
   servers that change nothing in the reply here (user, metadata, store, OpenRouter's provider...),
   and on messages `name`, `tool_call_id`, `cache_control` (prompt-caching hints);
 - refused by `unsupported()` unless at their "off" value: features that would change the output and
-  are not implemented (n > 1, tools, logprobs, logit_bias, response_format json, audio output).
+  are not implemented (n > 1, tools, logprobs, logit_bias, response_format json).
+Audio output (`modalities`, `audio`) is checked by speech_output.py.
 An assistant message may carry `tool_calls` and `tool` messages may follow it: a history from a client
 that uses tools elsewhere is rendered by the model's chat template (its <tool_call> format).
 """
@@ -237,8 +238,6 @@ def unsupported(req: ChatCompletionRequest) -> tuple[str, str] | None:
         return "tool_choice", "tool_choice is not supported by this server"
     if req.response_format and req.response_format.get("type", "text") != "text":
         return "response_format", "only response_format {\"type\": \"text\"} is supported"
-    if (req.modalities and set(req.modalities) != {"text"}) or req.audio:
-        return "modalities", "only the \"text\" output modality is supported (no audio output)"
     return None
 
 
@@ -257,7 +256,15 @@ class UsageInfo(BaseModel):
 class ResponseMessage(BaseModel):
     model_config = _OUT
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the reply is audio: its text is audio.transcript (as OpenAI)
+    audio: dict[str, Any] | None = None  # speech_output.AudioOutput.message_audio
+
+    @model_serializer(mode="wrap")
+    def _audio_only_when_spoken(self, handler) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("audio") is None:
+            out.pop("audio", None)
+        return out
 
 
 class Choice(BaseModel):
@@ -282,6 +289,7 @@ class Delta(BaseModel):
     model_config = _OUT
     role: Literal["assistant"] | None = None
     content: str | None = None
+    audio: dict[str, Any] | None = None  # speech: transcript or data pieces (speech_output.py)
 
     @model_serializer(mode="wrap")
     def _without_nulls(self, handler) -> dict[str, Any]:  # OpenAI sends {"content": "..."}, no nulls

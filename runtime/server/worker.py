@@ -46,6 +46,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
+    speech: Any = None  # runtime.speech.SpeechRequest: speak the reply too
 
     def emit(self, item: Any) -> None:
         """Hand one event to the request's event loop (called from the worker thread)."""
@@ -159,7 +160,8 @@ class Worker:
         job.started_at = time.monotonic()
         gen = None
         try:
-            gen = self.pipeline.generate(job.messages, job.params)
+            gen = (self.pipeline.generate(job.messages, job.params) if job.speech is None
+                   else self.pipeline.generate(job.messages, job.params, job.speech))
             for chunk in gen:
                 job.emit(chunk)
                 # checked between steps, so a cancelled job stops within one decode step

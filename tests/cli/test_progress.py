@@ -15,7 +15,7 @@ def test_export_reports_each_stage_from_zero_with_units(tiny_checkpoint, tmp_pat
     export_bundle(tiny_checkpoint, tmp_path / "b", ExportOptions(audio=False),
                   progress=lambda stage, done, total, unit="": events.append((stage, done, total, unit)))
     stages = list(dict.fromkeys(e[0] for e in events))
-    assert stages == ["vision", "decoder", "embeddings", "hashing"]
+    assert stages == ["vision", "decoder", "embeddings", "speech", "hashing"]
     for stage in stages:
         seen = [e for e in events if e[0] == stage]
         assert seen[0][1] == 0 and seen[-1][1] == seen[-1][2], seen  # from 0 to the total
