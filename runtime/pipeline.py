@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .bundle_check import check_decoder, check_encoder
+from .constrain import GrammarConstraint, GrammarVocabulary, schema_of
 from .errors import AudioError, ContextLengthError, InputError
 from .generate import Decoder, StepStats, generate_tokens, prefill_prompt
 from .kv_cache import KVCache
@@ -23,12 +24,12 @@ from .manifest import Manifest, load_manifest
 from .preprocess.image import SlicingParams
 from .preprocess.image_io import load_image
 from .preprocess.prompt import build_prompt
-from .sampler import make_sampler
+from .sampler import Sampler, make_sampler
 from .sessions import EmbeddingTable, create_decoder_session, create_session, kv_device, resolve_provider
 from .splice import splice_embeddings
 from .stopping import StopMatcher
 from .tokenizer import StreamingDetokenizer, Tokenizer
-from .types import GenerationChunk, GenerationParams, Message, Usage
+from .types import GenerationChunk, GenerationParams, Message, TokenLogprob, Usage
 from .vision import PreparedImage, VisionEncoder
 
 VIDEO_MAX_SLICES = 2  # the model card's setting for video frames (1 on request)
@@ -87,6 +88,7 @@ class Pipeline:
             check_encoder(manifest, "audio", audio)
             self.audio = AudioEncoder(audio, chunk_frames=aud["chunk_frames"], pool_step=aud["pool_step"])
         self.last_prompt_ids: list[int] = []
+        self._grammar_vocab: GrammarVocabulary | None = None  # built on the first structured request
         self.load_seconds = time.perf_counter() - t0
 
     @classmethod
@@ -98,7 +100,7 @@ class Pipeline:
     def generate(self, messages: list[Message], params: GenerationParams | None = None) -> Iterator[GenerationChunk]:
         """Stream the assistant's reply. Bad input raises (InputError...) before the first chunk."""
         params = params or GenerationParams()
-        sampler = make_sampler(params)
+        sampler = make_sampler(params, constraint=self._constraint(params))
         if params.lookup and not self.decoder.multi_logits:
             raise InputError("prompt lookup needs a bundle exported with it (this decoder returns one "
                              "position's logits); re-export the model", param="lookup")
@@ -106,8 +108,22 @@ class Pipeline:
         stats = StepStats()
         tokens = generate_tokens(self.decoder, self.embed, embeds, keys, ids, sampler, max_tokens,
                                  self.stop_ids | set(params.stop_token_ids), stats, reuse_prefix=params.cache_prompt,
-                                 lookup=params.lookup)
-        yield from self._stream_text(tokens, params, usage, stats)
+                                 lookup=params.lookup, draft_allowed=sampler.draft_allowed)
+        yield from self._stream_text(tokens, params, usage, stats, sampler)
+
+    def _constraint(self, params: GenerationParams) -> GrammarConstraint | None:
+        """The grammar constraint of params.response_format (None for text); raises InputError."""
+        if schema_of(params.response_format) is None:
+            return None
+        if self._grammar_vocab is None:
+            self._grammar_vocab = GrammarVocabulary(self.tokenizer.path.read_text(encoding="utf-8"),
+                                                    self.manifest["decoder"]["vocab_size"], self.stop_ids)
+        return self._grammar_vocab.constraint(params.response_format)
+
+    def _token_logprob(self, token_id: int, logprob: float, top=()) -> TokenLogprob:
+        raw = self.tokenizer.token_bytes(token_id)
+        return TokenLogprob(token_id, raw.decode("utf-8", errors="replace"), raw, logprob,
+                            tuple(self._token_logprob(i, lp) for i, lp in top))
 
     def prompt_logits(self, messages: list[Message], cache_prompt: bool = True) -> tuple[np.ndarray, int]:
         """The logits the first reply token is sampled from (a copy), and how many prompt positions
@@ -210,8 +226,9 @@ class Pipeline:
             keys[pos] = ("audio", digest, j)
         return embeds, keys
 
-    def _stream_text(self, tokens, params: GenerationParams, usage: Usage,
-                     stats: StepStats) -> Iterator[GenerationChunk]:
+    def _stream_text(self, tokens, params: GenerationParams, usage: Usage, stats: StepStats,
+                     sampler: Sampler | None = None) -> Iterator[GenerationChunk]:
+        """Tokens -> text chunks; with params.logprobs, each token's entry from `sampler.logprobs`."""
         detok = StreamingDetokenizer(self.tokenizer, skip_special_ids=self.hidden_ids)
         stops = StopMatcher(params.stop)
         stop_ids = self.stop_ids | set(params.stop_token_ids)
@@ -219,12 +236,14 @@ class Pipeline:
         try:
             for token in tokens:
                 n += 1
+                # the sampler's record of this token (it appends one per choice when asked)
+                logprobs = [self._token_logprob(*sampler.logprobs.pop(0))] if sampler and params.logprobs else None
                 if token in stop_ids:  # reported in token_ids (as in HF sequences), never as text
                     finish = "stop"
                     yield GenerationChunk(token_ids=[token])
                     break
                 text, stopped = stops.feed(detok.add(token))
-                yield GenerationChunk(text=text, token_ids=[token])
+                yield GenerationChunk(text=text, token_ids=[token], logprobs=logprobs)
                 if stopped:  # the text after a stop string is dropped, held-back text included
                     finish, cut = "stop", True
                     break
