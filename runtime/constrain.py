@@ -89,7 +89,7 @@ class GrammarVocabulary:
         self.n_vocab = n_vocab
         self.stop_ids = sorted(int(i) for i in stop_ids)
         self._tokenizer = llg.LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=self.stop_ids)
-        log.info("grammar vocabulary of %d tokens built in %.2f s", n_vocab, time.perf_counter() - t0)
+        log.debug("grammar vocabulary of %d tokens built in %.2f s", n_vocab, time.perf_counter() - t0)
 
     def constraint(self, response_format: Mapping[str, Any] | None) -> GrammarConstraint | None:
         """A fresh constraint for one request (None for plain text); raises InputError."""
