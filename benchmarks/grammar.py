@@ -174,6 +174,41 @@ def bench_xgrammar(tok, reply, stop_id, logits, repeats):
     return {"version": _version("xgrammar"), "index_s": index_s, "compile_s": compile_s, "per_token_s": per_token}
 
 
+def bench_runtime(tok, reply, stop_id, logits, repeats):
+    """This project's path: a greedy Sampler with a GrammarConstraint (mask, unpack, -inf, argmax,
+    advance) minus the same Sampler without one, per token. The reply's token is made the best one."""
+    from minicpmo.runtime.constrain import GrammarVocabulary
+    from minicpmo.runtime.sampler import make_sampler
+    from minicpmo.runtime.types import GenerationParams
+
+    t0 = time.perf_counter()
+    vocabulary = GrammarVocabulary(tok.to_str(), VOCAB, [stop_id])
+    index_s = time.perf_counter() - t0
+    params = GenerationParams(response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}})
+    history = np.zeros(0, dtype=np.int64)
+
+    def walk(sampler) -> list[float]:
+        times = []
+        for token in reply:
+            row = logits.copy()
+            row[token] = 100.0
+            t0 = time.perf_counter()
+            assert sampler(row, history, 0) == token, "the document must be valid"
+            times.append(time.perf_counter() - t0)
+        return times
+
+    compile_s, per_token = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        constraint = vocabulary.constraint(params.response_format)
+        compile_s.append(time.perf_counter() - t0)
+        constrained = walk(make_sampler(params, constraint=constraint))
+        plain = walk(make_sampler(params))
+        per_token += [c - p for c, p in zip(constrained, plain, strict=True)]
+    return {"version": "GrammarConstraint + Sampler, minus Sampler alone", "index_s": index_s,
+            "compile_s": compile_s, "per_token_s": per_token}
+
+
 def _version(dist: str) -> str:
     from importlib.metadata import version
 
@@ -202,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     runs = {"llguidance": lambda: bench_llguidance(tok, reply, stop_id, logits, args.repeats),
             "outlines-core": lambda: bench_outlines_core(tok, reply, stop_id, logits, args.repeats, table),
-            "xgrammar": lambda: bench_xgrammar(tok, reply, stop_id, logits, args.repeats)}
+            "xgrammar": lambda: bench_xgrammar(tok, reply, stop_id, logits, args.repeats),
+            "runtime": lambda: bench_runtime(tok, reply, stop_id, logits, args.repeats)}
     for name, run in runs.items():
         try:
             results[name] = run()
