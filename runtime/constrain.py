@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # would also let a weak model fill max_tokens with blanks instead of closing the object.
 JSON_OPTIONS = {"whitespace_flexible": False}
 FORMAT_TYPES = ("text", "json_object", "json_schema")
+# How llguidance words a schema it cannot enforce (as opposed to one that is wrong or unsatisfiable).
+_UNSUPPORTED = ("Unimplemented", "not supported", "Unknown format", "not present in a registry")
 
 
 def _bad(message: str, param: str = "response_format", code: str = "invalid_response_format") -> InputError:
@@ -60,7 +62,8 @@ def schema_of(response_format: Mapping[str, Any] | None) -> dict | None:
 
 def grammar_for(response_format: Mapping[str, Any] | None) -> str | None:
     """The llguidance grammar of a `response_format` (None for text), checked: a schema feature the
-    engine does not implement is an InputError naming it (code unsupported_schema_feature)."""
+    engine does not implement is an InputError naming it (code unsupported_schema_feature); a wrong
+    or unsatisfiable schema one saying why (code invalid_json_schema)."""
     import llguidance as llg
 
     schema = schema_of(response_format)
@@ -72,8 +75,12 @@ def grammar_for(response_format: Mapping[str, Any] | None) -> str | None:
         raise _bad(f"response_format.json_schema.schema: {e}", "response_format.json_schema.schema") from e
     failed, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
-        raise _bad(f"response_format.json_schema.schema: this JSON Schema cannot be enforced here: {messages[0]}",
-                   "response_format.json_schema.schema", code="unsupported_schema_feature")
+        reason = " ".join(messages[0].split())  # one line (regex errors come with a caret drawing)
+        if any(word in reason for word in _UNSUPPORTED):
+            raise _bad(f"response_format.json_schema.schema: a JSON Schema feature that cannot be enforced "
+                       f"here: {reason}", "response_format.json_schema.schema", code="unsupported_schema_feature")
+        raise _bad(f"response_format.json_schema.schema: invalid or unsatisfiable JSON Schema: {reason}",
+                   "response_format.json_schema.schema", code="invalid_json_schema")
     return grammar
 
 

@@ -98,6 +98,18 @@ def test_unsupported_schema_feature_is_named(keyword, schema):
     assert e.value.code == "unsupported_schema_feature"
 
 
+@pytest.mark.parametrize("schema, reason", [
+    ({"type": "integer", "minimum": 5, "maximum": 2}, "minimum"),
+    ({"type": "string", "pattern": "["}, "unclosed character class"),
+    ({"$ref": "#/$defs/Missing"}, "/$defs/Missing"),
+])
+def test_wrong_or_unsatisfiable_schema_says_why_in_one_line(schema, reason):
+    with pytest.raises(InputError) as e:
+        grammar_for(json_schema_format(schema))
+    assert reason in str(e.value) and "\n" not in str(e.value)
+    assert e.value.code == "invalid_json_schema"
+
+
 @pytest.mark.parametrize("response_format", [
     {"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": []}}, "json",
 ])
