@@ -100,7 +100,7 @@ class Pipeline:
     def generate(self, messages: list[Message], params: GenerationParams | None = None) -> Iterator[GenerationChunk]:
         """Stream the assistant's reply. Bad input raises (InputError...) before the first chunk."""
         params = params or GenerationParams()
-        sampler = make_sampler(params, constraint=self._constraint(params))
+        sampler = self.sampler_for(params)
         if params.lookup and not self.decoder.multi_logits:
             raise InputError("prompt lookup needs a bundle exported with it (this decoder returns one "
                              "position's logits); re-export the model", param="lookup")
@@ -110,6 +110,17 @@ class Pipeline:
                                  self.stop_ids | set(params.stop_token_ids), stats, reuse_prefix=params.cache_prompt,
                                  lookup=params.lookup, draft_allowed=sampler.draft_allowed)
         yield from self._stream_text(tokens, params, usage, stats, sampler)
+
+    def sampler_for(self, params: GenerationParams) -> Sampler:
+        """One request's sampler, constrained to params.response_format; raises InputError. Any decode
+        loop (this one, a batch scheduler) calls it once per token and takes `token_logprobs` after."""
+        return make_sampler(params, constraint=self._constraint(params))
+
+    def token_logprobs(self, sampler: Sampler) -> list[TokenLogprob] | None:
+        """The entry of the token the sampler chose last (None unless its params ask for logprobs)."""
+        if not sampler.params.logprobs:
+            return None
+        return [self._token_logprob(*sampler.logprobs.pop(0))]
 
     def _constraint(self, params: GenerationParams) -> GrammarConstraint | None:
         """The grammar constraint of params.response_format (None for text); raises InputError."""
@@ -237,7 +248,7 @@ class Pipeline:
             for token in tokens:
                 n += 1
                 # the sampler's record of this token (it appends one per choice when asked)
-                logprobs = [self._token_logprob(*sampler.logprobs.pop(0))] if sampler and params.logprobs else None
+                logprobs = self.token_logprobs(sampler) if sampler else None
                 if token in stop_ids:  # reported in token_ids (as in HF sequences), never as text
                     finish = "stop"
                     yield GenerationChunk(token_ids=[token])

@@ -1,4 +1,5 @@
-"""Next-token choice: penalties -> temperature -> top-k -> top-p -> min-p -> draw (or argmax when greedy).
+"""Next-token choice: penalties -> grammar mask -> temperature -> top-k -> top-p -> min-p -> draw (or
+argmax when greedy). The grammar mask applies only with a constraint (structured outputs, runtime/constrain.py).
 
 Small pure filters on float64 logit vectors, composed by `make_sampler` into a seeded `Sampler`. The
 order and the top-k/top-p rules follow Hugging Face's logits processors; presence and frequency

@@ -17,7 +17,7 @@ from minicpmo.runtime.constrain import GrammarVocabulary, grammar_for
 from minicpmo.runtime.errors import InputError
 from minicpmo.runtime.generate import StepStats, generate_tokens
 from minicpmo.runtime.pipeline import Pipeline
-from minicpmo.runtime.sampler import make_sampler
+from minicpmo.runtime.sampler import make_sampler, top_logprobs
 from minicpmo.runtime.types import GenerationParams
 
 MESSAGES = [{"role": "user", "content": "Describe the person in the photo as JSON."}]
@@ -209,3 +209,26 @@ def test_logprobs_are_the_log_softmax_of_the_model_logits(pipe, response_format)
 def test_top_logprobs_bound():
     with pytest.raises(InputError, match="top_logprobs"):
         make_sampler(GenerationParams(logprobs=True, top_logprobs=21))
+
+
+def test_logprobs_of_drafted_rows_equal_plain_decoding(pipe):
+    """A verify step's rows give the logprobs one-position steps give (fp32, up to summation order).
+    A scripted chooser repeats the prompt, so drafts are fed and kept."""
+    ids, embeds, keys, _, _ = pipe._prepare(MESSAGES, GenerationParams(max_tokens=24))
+    script = [int(t) for t in ids[-12:]] * 3
+
+    def run(lookup):
+        recorded, stats = [], StepStats()
+
+        def scripted(logits, history, n_prompt):
+            token = script[len(history) - n_prompt]
+            recorded.append(top_logprobs(logits, token, 3))
+            return token
+        list(generate_tokens(pipe.decoder, pipe.embed, embeds, keys, ids, scripted, 24, set(), stats, lookup=lookup))
+        return recorded, stats
+
+    plain, _ = run(0)
+    drafted, stats = run(4)
+    assert stats.accepted_draft_tokens > 0
+    assert [lp for lp, _ in drafted] == pytest.approx([lp for lp, _ in plain], abs=1e-4)
+    assert [v for _, top in drafted for _, v in top] == pytest.approx([v for _, top in plain for _, v in top], abs=1e-4)

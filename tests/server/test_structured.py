@@ -64,6 +64,14 @@ def test_openai_parse_with_a_pydantic_model(client, seed):
     assert isinstance(choice.message.parsed, Receipt)  # parsed and validated by the client itself
 
 
+def test_openai_stream_with_a_pydantic_model(client):
+    with client.chat.completions.stream(
+            model=_model(client), messages=[{"role": "user", "content": "Read the receipt."}],
+            response_format=Receipt, temperature=1.0, seed=5, max_tokens=400) as stream:
+        completion = stream.get_final_completion()
+    assert isinstance(completion.choices[0].message.parsed, Receipt)
+
+
 def test_langchain_with_structured_output(server):
     langchain_openai = pytest.importorskip("langchain_openai")
     llm = langchain_openai.ChatOpenAI(base_url=f"{server[0]}/v1", api_key="unused", model="x", max_retries=0,
