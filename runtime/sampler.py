@@ -107,16 +107,21 @@ def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
 
 
 def top_logprobs(logits: np.ndarray, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
-    """log softmax(logits)[token], and the n most likely (id, log probability), most likely first."""
-    x = np.asarray(logits, dtype=np.float64)
-    peak = x.max()
-    log_total = peak + math.log(np.exp(x - peak).sum())
+    """log softmax(logits)[token], and the n most likely (id, log probability), most likely first.
+
+    Works on the logits' own dtype (float32 from the decoder) and sums in float64: no float64 copy
+    of the whole row, which at 151,700 tokens costs more than the arithmetic."""
+    x = np.asarray(logits)
+    peak = float(x.max())
+    log_total = peak + math.log(np.exp(x - peak).sum(dtype=np.float64))
     best = []
     if n > 0:
-        ids = np.argpartition(-x, n - 1)[:n] if n < len(x) else np.arange(len(x))
-        ids = ids[np.lexsort((ids, -x[ids]))]  # most likely first, ties by id
-        best = [(int(i), float(x[i] - log_total)) for i in ids]
-    return float(x[token] - log_total), best
+        # the n largest: the n-th largest value by a partition of the values, then the ids at or above
+        # it (an argpartition's index array costs several times more at 151,700 entries)
+        ids = np.flatnonzero(x >= np.partition(x, len(x) - n)[len(x) - n]) if n < len(x) else np.arange(len(x))
+        ids = ids[np.lexsort((ids, -x[ids]))][:n]  # most likely first, ties by id
+        best = [(int(i), float(x[i]) - log_total) for i in ids]
+    return float(x[token]) - log_total, best
 
 
 def validate(params: GenerationParams) -> None:
