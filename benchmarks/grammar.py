@@ -2,13 +2,15 @@
 
     python -m benchmarks.grammar [--tokenizer DIR] [--repeats 5]
 
-For llguidance, outlines-core and xgrammar (each where installed): the time to build the library's
-tokenizer index (once per process), to compile a JSON schema (once per request), and per generated
-token to compute the mask of allowed tokens, apply it to a float32 logits row [V] with numpy and
-advance the state. The reply fed is a fixed valid document of the schema, tokenized by the tokenizer,
-so every library walks the same path. V is 151,700 (the decoder's logits width): the real tokenizer
-when --tokenizer is given (or ../shared/reference/tokenizer exists), else the synthetic tokenizer grown
-to the same size (`export.synth_tokenizer.grown_bpe`). Times are medians over --repeats walks.
+For llguidance, outlines-core and xgrammar (each where installed), and for this runtime's own path
+(runtime.constrain in the Sampler): the time to build the library's tokenizer index (once per
+process), to compile a JSON schema (once per request), and per generated token to compute the mask
+of allowed tokens, apply it to a float32 logits row [V] with numpy and advance the state. The reply
+fed is a fixed valid document of the schema, tokenized by the tokenizer, so every library walks the
+same path. Then what `logprobs` costs per token. V is 151,700 (the decoder's logits width): the real
+tokenizer when --tokenizer is given (or ../shared/reference/tokenizer exists), else the synthetic
+tokenizer grown to the same size (`export.synth_tokenizer.grown_bpe`). Per-token figures are over all
+--repeats walks; xgrammar imports torch, so it runs only where the bench extra is installed.
 """
 
 from __future__ import annotations
@@ -215,6 +217,21 @@ def _version(dist: str) -> str:
     return version(dist)
 
 
+def logprobs_line(logits: np.ndarray, repeats: int = 50) -> str:
+    """What `logprobs` costs per token: the sampler's top_logprobs on a float32 row [V]."""
+    from minicpmo.runtime.sampler import top_logprobs
+
+    parts = []
+    for n in (0, 5, 20):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            top_logprobs(logits, 0, n)
+            times.append(time.perf_counter() - t0)
+        parts.append(f"top_logprobs={n}: {1e6 * statistics.median(times):.0f} µs")
+    return "logprobs per token (median): " + ", ".join(parts)
+
+
 def summary(name: str, r: dict) -> str:
     t = np.array(r["per_token_s"]) * 1e6
     return (f"| {name} {r['version']} | {r['index_s']:.2f} | {1e3 * statistics.median(r['compile_s']):.1f} | "
@@ -250,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         print(summary(name, r))
+    print(logprobs_line(logits))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
