@@ -10,7 +10,9 @@ fed is a fixed valid document of the schema, tokenized by the tokenizer, so ever
 same path. Then what `logprobs` costs per token. V is 151,700 (the decoder's logits width): the real
 tokenizer when --tokenizer is given (or ../shared/reference/tokenizer exists), else the synthetic
 tokenizer grown to the same size (`export.synth_tokenizer.grown_bpe`). Per-token figures are over all
---repeats walks; xgrammar imports torch, so it runs only where the bench extra is installed.
+--repeats walks. The peers are not dependencies of the project: `pip install outlines-core==0.2.14`,
+and `pip install --no-deps xgrammar==0.2.9 apache-tvm-ffi` next to the bench extra's torch and
+transformers (xgrammar imports both; its declared triton dependency is not needed on a CPU).
 """
 
 from __future__ import annotations
