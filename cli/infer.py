@@ -45,6 +45,29 @@ def media_parts(media: MediaArgs) -> list[dict]:
     return parts
 
 
+def response_format(schema_file: str | None, json_object: bool) -> dict | None:
+    """The response_format of --json-schema FILE / --json-object, checked before the model loads."""
+    from ..runtime.constrain import grammar_for
+    from ..runtime.errors import InputError
+
+    if schema_file and json_object:
+        raise click.UsageError("--json-schema and --json-object exclude each other")
+    if json_object:
+        return {"type": "json_object"}
+    if not schema_file:
+        return None
+    try:
+        schema = json.loads(Path(schema_file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"--json-schema {schema_file}: not a readable JSON file ({e})") from e
+    fmt = {"type": "json_schema", "json_schema": {"name": Path(schema_file).stem, "schema": schema}}
+    try:
+        grammar_for(fmt)
+    except InputError as e:
+        raise InputError(f"--json-schema {schema_file}: {e}") from e
+    return fmt
+
+
 def length_note(usage: Usage, max_tokens: int, context_length: int) -> str | None:
     """Why a reply that ran to its length limit stopped: --max-tokens, or the end of the context."""
     room = context_length - usage.prompt_tokens

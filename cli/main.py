@@ -250,10 +250,13 @@ def _print_export_summary(out: Path) -> None:
 @VOICE
 @SAMPLING
 @RUNTIME
+@click.option("--json-schema", "json_schema", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Constrain the reply to JSON that validates against this JSON Schema file.")
+@click.option("--json-object", is_flag=True, help="Constrain the reply to a JSON object (any keys).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @_fail_cleanly
 def infer(model, images, max_slices, audios, video, frames, fps, max_frames, prompt, system, speak, voice,
-          as_json, **kwargs) -> None:
+          as_json, json_schema, json_object, **kwargs) -> None:
     """Answer one question about images, audio clips or a video.
 
     \b
@@ -261,14 +264,15 @@ def infer(model, images, max_slices, audios, video, frames, fps, max_frames, pro
     minicpmo infer --model models/minicpmo-int4 --audio clip.wav --prompt "What do you hear?" --json
     minicpmo infer --model models/minicpmo-int4 --frames clip/ --prompt "What happens?"
     minicpmo infer --model models/minicpmo-int4 --prompt "Say hello." --speak hello.wav --voice me.wav
+    minicpmo infer --model models/minicpmo-int4 --image receipt.jpg --prompt "Extract it." --json-schema receipt.json
     """
-    from .infer import MediaArgs, run_infer
+    from .infer import MediaArgs, response_format, run_infer
 
     if voice and not speak:
         raise click.UsageError("--voice needs --speak FILE.wav")
     media = MediaArgs(images=images, max_slices=max_slices, audios=audios, video=video, frames=frames, fps=fps,
                       max_frames=max_frames)
-    sampling = _sampling(kwargs)
+    sampling = _sampling(kwargs) | {"response_format": response_format(json_schema, json_object)}
     run_infer(model=model, media=media, prompt=prompt, system=system, as_json=as_json,
               sampling=sampling, speak=speak, voice=voice, **_runtime(kwargs))
 

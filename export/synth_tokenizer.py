@@ -90,6 +90,30 @@ def learn_merges(text: str, num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
+def grown_bpe(n_tokens: int, seed: int = 0) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A base BPE vocabulary of `n_tokens` entries and its merges: the stand-in's merges, then merges of
+    two tokens drawn at random (word-like pieces, with and without a leading space) until the size is
+    reached. With the added tokens on top (`make_tokenizer(*grown_bpe(REAL_BASE_VOCAB))`) it has the
+    real tokenizer's size, for costs that scale with the vocabulary (grammar masks), without ../shared."""
+    import random
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    merges = learn_merges(CORPUS, NUM_MERGES)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    rng = random.Random(seed)
+    pieces = [t for t in vocab if t.lstrip("Ġ").isalnum()]  # letters, digits, "Ġword": mergeable word parts
+    while len(vocab) < n_tokens:
+        a, b = rng.choice(pieces), rng.choice(pieces)
+        if b.startswith("Ġ") or a + b in vocab:
+            continue
+        merges.append((a, b))
+        vocab[a + b] = len(vocab)
+        if len(a + b) < 8:  # keeps the pieces short, as most real tokens are
+            pieces.append(a + b)
+    return vocab, merges
+
+
 def make_tokenizer(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None
                    ) -> tuple[Tokenizer, dict[str, int], list[tuple[str, str]]]:
     """(tokenizer, base vocab, merges), built in memory. Given a base BPE vocabulary and its merges

@@ -267,12 +267,14 @@ def generate_tokens(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
                     prompt_embeds: np.ndarray, prompt_keys: Sequence[Hashable], prompt_ids: np.ndarray,
                     sample: Callable[[np.ndarray, np.ndarray, int], int], max_tokens: int,
                     stop_ids: set[int], stats: StepStats, reuse_prefix: bool = True,
-                    lookup: int = 0, hidden_at: int | None = None) -> Iterator[int]:
+                    lookup: int = 0, hidden_at: int | None = None,
+                    draft_allowed: Callable[[list[int]], int] | None = None) -> Iterator[int]:
     """Yield generated token ids (a stop id is yielded too, then the loop ends).
 
     Reuses the longest cached prefix of the prompt unless `reuse_prefix` is False; `lookup` > 0 feeds
-    up to that many prompt-lookup draft tokens with each step (see the module docstring); the caller
-    closes the generator to cancel.
+    up to that many prompt-lookup draft tokens with each step (see the module docstring), cut to the
+    first `draft_allowed(draft)` of them when given (a grammar's verdict: `Sampler.draft_allowed`);
+    the caller closes the generator to cancel.
     """
     logits = prefill_prompt(decoder, prompt_embeds, prompt_keys, stats, reuse_prefix, hidden_at)
     kv = decoder.kv
@@ -303,6 +305,8 @@ def generate_tokens(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
         # runs past max_tokens.
         room = min(draft_len(), max_tokens - produced - 1, kv.max_length - kv.length - 1)
         draft = [int(t) for t in lookup_draft(np.asarray(history), room)] if room > 0 else []
+        if draft and draft_allowed is not None:
+            draft = draft[:draft_allowed(draft)]
         fed = [token] + draft
         stats.draft_tokens += len(draft)
         if draft:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from . import spoken_reply as spoken
 from .bundle_check import check_decoder, check_encoder
+from .constrain import GrammarConstraint, GrammarVocabulary, schema_of
 from .errors import AudioError, ContextLengthError, InputError
 from .generate import Decoder, StepStats, generate_tokens, prefill_prompt
 from .kv_cache import KVCache
@@ -26,13 +27,13 @@ from .manifest import Manifest, load_manifest
 from .preprocess.image import SlicingParams
 from .preprocess.image_io import load_image
 from .preprocess.prompt import build_prompt
-from .sampler import make_sampler
+from .sampler import Sampler, make_sampler
 from .sessions import EmbeddingTable, create_decoder_session, create_session, kv_device, resolve_provider
 from .speech import SpeechRequest
 from .splice import splice_embeddings
 from .stopping import StopMatcher
 from .tokenizer import StreamingDetokenizer, Tokenizer
-from .types import GenerationChunk, GenerationParams, Message, Usage
+from .types import GenerationChunk, GenerationParams, Message, TokenLogprob, Usage
 from .vision import PreparedImage, VisionEncoder
 from .voices import Voices
 
@@ -99,6 +100,7 @@ class Pipeline:
 
             self.tts = TTSModel.load(manifest, threads=threads)
         self.last_prompt_ids: list[int] = []
+        self._grammar_vocab: GrammarVocabulary | None = None  # built on the first structured request
         self.load_seconds = time.perf_counter() - t0
 
     @classmethod
@@ -112,7 +114,7 @@ class Pipeline:
         """Stream the assistant's reply; with `speech`, its audio follows the text (chunks with `audio`,
         then the final chunk). Bad input raises (InputError...) before the first chunk."""
         params = params or GenerationParams()
-        sampler = make_sampler(params)
+        sampler = self.sampler_for(params)
         if params.lookup and not self.decoder.multi_logits:
             raise InputError("prompt lookup needs a bundle exported with it (this decoder returns one "
                              "position's logits); re-export the model", param="lookup")
@@ -125,12 +127,38 @@ class Pipeline:
         stats = StepStats()
         tokens = generate_tokens(self.decoder, self.embed, embeds, keys, ids, sampler, max_tokens,
                                  self.stop_ids | set(params.stop_token_ids), stats, reuse_prefix=params.cache_prompt,
-                                 lookup=params.lookup, hidden_at=hidden_at)
-        chunks = self._stream_text(tokens, params, usage, stats)
+                                 lookup=params.lookup, hidden_at=hidden_at,
+                                 draft_allowed=sampler.draft_allowed)
+        chunks = self._stream_text(tokens, params, usage, stats, sampler)
         if speech is None:
             yield from chunks
         else:
             yield from spoken.stream_speech(self, chunks, stats, speech_params)
+
+    def sampler_for(self, params: GenerationParams) -> Sampler:
+        """One request's sampler, constrained to params.response_format; raises InputError. Any decode
+        loop (this one, a batch scheduler) calls it once per token and takes `token_logprobs` after."""
+        return make_sampler(params, constraint=self._constraint(params))
+
+    def token_logprobs(self, sampler: Sampler) -> list[TokenLogprob] | None:
+        """The entry of the token the sampler chose last (None unless its params ask for logprobs)."""
+        if not sampler.params.logprobs:
+            return None
+        return [self._token_logprob(*sampler.logprobs.pop(0))]
+
+    def _constraint(self, params: GenerationParams) -> GrammarConstraint | None:
+        """The grammar constraint of params.response_format (None for text); raises InputError."""
+        if schema_of(params.response_format) is None:
+            return None
+        if self._grammar_vocab is None:
+            self._grammar_vocab = GrammarVocabulary(self.tokenizer.path.read_text(encoding="utf-8"),
+                                                    self.manifest["decoder"]["vocab_size"], self.stop_ids)
+        return self._grammar_vocab.constraint(params.response_format)
+
+    def _token_logprob(self, token_id: int, logprob: float, top=()) -> TokenLogprob:
+        raw = self.tokenizer.token_bytes(token_id)
+        return TokenLogprob(token_id, raw.decode("utf-8", errors="replace"), raw, logprob,
+                            tuple(self._token_logprob(i, lp) for i, lp in top))
 
     def prompt_logits(self, messages: list[Message], cache_prompt: bool = True) -> tuple[np.ndarray, int]:
         """The logits the first reply token is sampled from (a copy), and how many prompt positions
@@ -235,8 +263,9 @@ class Pipeline:
             keys[pos] = ("audio", digest, j)
         return embeds, keys
 
-    def _stream_text(self, tokens, params: GenerationParams, usage: Usage,
-                     stats: StepStats) -> Iterator[GenerationChunk]:
+    def _stream_text(self, tokens, params: GenerationParams, usage: Usage, stats: StepStats,
+                     sampler: Sampler | None = None) -> Iterator[GenerationChunk]:
+        """Tokens -> text chunks; with params.logprobs, each token's entry from `sampler.logprobs`."""
         detok = StreamingDetokenizer(self.tokenizer, skip_special_ids=self.hidden_ids)
         stops = StopMatcher(params.stop)
         stop_ids = self.stop_ids | set(params.stop_token_ids)
@@ -244,12 +273,14 @@ class Pipeline:
         try:
             for token in tokens:
                 n += 1
+                # the sampler's record of this token (it appends one per choice when asked)
+                logprobs = self.token_logprobs(sampler) if sampler else None
                 if token in stop_ids:  # reported in token_ids (as in HF sequences), never as text
                     finish = "stop"
                     yield GenerationChunk(token_ids=[token])
                     break
                 text, stopped = stops.feed(detok.add(token))
-                yield GenerationChunk(text=text, token_ids=[token])
+                yield GenerationChunk(text=text, token_ids=[token], logprobs=logprobs)
                 if stopped:  # the text after a stop string is dropped, held-back text included
                     finish, cut = "stop", True
                     break

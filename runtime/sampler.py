@@ -1,4 +1,5 @@
-"""Next-token choice: penalties -> temperature -> top-k -> top-p -> min-p -> draw (or argmax when greedy).
+"""Next-token choice: penalties -> grammar mask -> temperature -> top-k -> top-p -> min-p -> draw (or
+argmax when greedy). The grammar mask applies only with a constraint (structured outputs, runtime/constrain.py).
 
 Small pure filters on float64 logit vectors, composed by `make_sampler` into a seeded `Sampler`. The
 order and the top-k/top-p rules follow Hugging Face's logits processors; presence and frequency
@@ -8,14 +9,19 @@ penalties follow OpenAI's definition.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import InputError
 from .types import GenerationParams
 
+if TYPE_CHECKING:
+    from .constrain import GrammarConstraint
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 MAX_LOOKUP = 16  # draft tokens per step: past ~8 a verify step costs more than the drafts usually win
 _TOP_P_CANDIDATES = 2048  # try the nucleus inside the best 2048 tokens before sorting the whole vocabulary
 
@@ -100,6 +106,24 @@ def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
     return index
 
 
+def top_logprobs(logits: np.ndarray, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """log softmax(logits)[token], and the n most likely (id, log probability), most likely first.
+
+    Works on the logits' own dtype (float32 from the decoder) and sums in float64: no float64 copy
+    of the whole row, which at 151,700 tokens costs more than the arithmetic."""
+    x = np.asarray(logits)
+    peak = float(x.max())
+    log_total = peak + math.log(np.exp(x - peak).sum(dtype=np.float64))
+    best = []
+    if n > 0:
+        # the n largest: the n-th largest value by a partition of the values, then the ids at or above
+        # it (an argpartition's index array costs several times more at 151,700 entries)
+        ids = np.flatnonzero(x >= np.partition(x, len(x) - n)[len(x) - n]) if n < len(x) else np.arange(len(x))
+        ids = ids[np.lexsort((ids, -x[ids]))][:n]  # most likely first, ties by id
+        best = [(int(i), float(x[i]) - log_total) for i in ids]
+    return float(x[token]) - log_total, best
+
+
 def validate(params: GenerationParams) -> None:
     """Raise InputError naming the first out-of-range sampling parameter."""
     def bad(name: str, rule: str) -> InputError:
@@ -125,20 +149,45 @@ def validate(params: GenerationParams) -> None:
         raise bad("seed", "an integer or null")
     if not isinstance(params.lookup, Integral) or isinstance(params.lookup, bool) or not 0 <= params.lookup <= MAX_LOOKUP:
         raise bad("lookup", f"an integer in [0, {MAX_LOOKUP}] (0 = off)")
+    n = params.top_logprobs
+    if not isinstance(n, Integral) or isinstance(n, bool) or not 0 <= n <= MAX_TOP_LOGPROBS:
+        raise bad("top_logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}]")
 
 
 @dataclass
 class Sampler:
+    """One request's token chooser. With a grammar constraint (runtime.constrain) the logits are masked
+    to what the grammar allows before any filter, and the constraint follows each chosen token. With
+    params.logprobs each choice appends (id, log probability, top alternatives) to `logprobs`, computed
+    from the logits as given, for the caller to take in order."""
+
     params: GenerationParams
     rng: np.random.Generator
     penalize_prompt: bool = False
+    constraint: GrammarConstraint | None = None
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
     def __call__(self, logits: np.ndarray, history: np.ndarray, n_prompt: int) -> int:
         """Pick the next id from logits [V] given the ids so far (prompt first, n_prompt of them)."""
+        token = self._choose(logits, history, n_prompt)
+        if self.params.logprobs:
+            self.logprobs.append((token, *top_logprobs(logits, token, self.params.top_logprobs)))
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        return token
+
+    def draft_allowed(self, draft: list[int]) -> int:
+        """How many leading tokens of a prompt-lookup draft, following the last chosen token, the
+        grammar allows (all of them without a constraint): the rest are not worth verifying."""
+        return len(draft) if self.constraint is None else self.constraint.allowed_prefix(draft)
+
+    def _choose(self, logits: np.ndarray, history: np.ndarray, n_prompt: int) -> int:
         p = self.params
         x = apply_penalties(logits, history, n_prompt, repetition_penalty=p.repetition_penalty,
                             presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                             penalize_prompt=self.penalize_prompt)
+        if self.constraint is not None:
+            x[~self.constraint.allowed()] = -np.inf  # x is apply_penalties' own copy
         if p.temperature == 0:
             return int(np.argmax(x))  # greedy; ties go to the lowest id
         x = apply_top_k(x / p.temperature, p.top_k)
@@ -150,8 +199,9 @@ class Sampler:
         return choice if ids is None else int(ids[choice])
 
 
-def make_sampler(params: GenerationParams, *, penalize_prompt: bool = False) -> Sampler:
+def make_sampler(params: GenerationParams, *, penalize_prompt: bool = False,
+                 constraint: GrammarConstraint | None = None) -> Sampler:
     """A sampler for one request; the same seed gives the same tokens. Raises InputError on bad params."""
     validate(params)
     seed = None if params.seed is None else int(params.seed) % 2**64  # any integer, negatives included
-    return Sampler(params, np.random.default_rng(seed), penalize_prompt)
+    return Sampler(params, np.random.default_rng(seed), penalize_prompt, constraint)

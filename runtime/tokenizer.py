@@ -17,6 +17,14 @@ from .errors import BundleError, InputError
 REPLACEMENT_CHAR = "\ufffd"  # what decoding an incomplete UTF-8 sequence yields
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """ByteLevel's printable character -> byte map (GPT-2's reversible table, inverted)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    chars = printable + [256 + i for i in range(len(extra))]
+    return {chr(c): b for b, c in zip(printable + extra, chars, strict=True)}
+
+
 class Tokenizer:
     def __init__(self, path: str | Path):
         """Load `path` (a tokenizer.json file, or a folder holding one)."""
@@ -30,6 +38,8 @@ class Tokenizer:
         self.path = path
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        self._added_ids = frozenset(self._tok.get_added_tokens_decoder())
+        self._bytes: dict[int, bytes] = {}
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special-token strings in it become their single ids."""
@@ -55,6 +65,34 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(int(token_id))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a piece of a UTF-8 character possibly); b"" for an id
+        without a token (a padded embedding row). Added tokens are their text."""
+        token_id = int(token_id)
+        if token_id not in self._bytes:
+            self._bytes[token_id] = self._token_bytes(token_id)
+        return self._bytes[token_id]
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:
+            return piece.encode("utf-8")
+        raw = byte_level_bytes(piece)  # byte-level BPE (Qwen2, the synthetic tokenizer)
+        return raw if raw is not None else self._tok.decode([token_id]).encode("utf-8")
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def byte_level_bytes(piece: str) -> bytes | None:
+    """The bytes of a ByteLevel vocabulary entry ("Ġhello" -> b" hello"); None if it is not one."""
+    try:
+        return bytes(_BYTE_LEVEL[ch] for ch in piece)
+    except KeyError:
+        return None
 
 
 class StreamingDetokenizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,25 @@ class GenerationParams:
     # verifies drafts costs more than a plain one, so it pays off when replies repeat their context
     # (quoting, extraction, editing), not on free text.
     lookup: int = 0
+    # Structured output, in OpenAI's shapes: None or {"type": "text"}; {"type": "json_object"}; or
+    # {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}. Sampling is constrained
+    # to the grammar, so the reply parses (unless max_tokens cuts it: finish_reason "length").
+    response_format: Mapping[str, Any] | None = None
+    # Report each generated token's log probability (and the top_logprobs most likely alternatives,
+    # 0..20): log-softmax of the model's logits at that step, before penalties, temperature or grammar.
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log probability; `top` holds the most likely tokens at its step (themselves with no `top`)."""
+
+    token_id: int
+    token: str  # its text (U+FFFD where it holds part of a UTF-8 character)
+    bytes: bytes
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -90,3 +110,4 @@ class GenerationChunk:
     finish_reason: str | None = None  # "stop" | "length" | None while running
     usage: Usage | None = None  # set on the final chunk
     audio: np.ndarray | None = None  # speech: float32 samples at 24 kHz, after all the text
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids that is part of the reply

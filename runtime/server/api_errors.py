@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 # (the role of a message, the type of a content part), not a field name: it is left out of `param`.
 # The model names pydantic puts in a location for a member of a plain (not discriminated) union.
 _UNION_MODELS = {"ImageURL"}
+# Fields that are discriminated unions themselves: the tag follows the field name in a location.
+_TAGGED_FIELDS = {"response_format": {"text", "json_object", "json_schema"}}
 _UNION_TAGS = {"system", "developer", "user", "assistant", "tool", "text", "image_url", "input_audio",
                "video_frames"}
 
@@ -94,15 +96,15 @@ def _one_error(err: dict[str, Any]) -> ApiError:
 def _param_path(loc: list[Any]) -> str:
     """("messages", 0, "user", "content", "list[...]", 1, "image_url", "image_url", "url")
     -> "messages[0].content[1].image_url.url"."""
-    out, after_index = "", False
+    out, after_index, previous = "", False, None
     for part in loc:
         if isinstance(part, int):
             out, after_index = f"{out}[{part}]", True
             continue
         part = str(part)
         skip = ("[" in part or part in ("str", "int", "float", "bool", "none") or part in _UNION_MODELS
-                or (after_index and part in _UNION_TAGS))
-        after_index = False
+                or (after_index and part in _UNION_TAGS) or part in _TAGGED_FIELDS.get(previous, ()))
+        after_index, previous = False, part
         if not skip:
             out = f"{out}.{part}" if out else part
     return out

@@ -22,8 +22,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 
+from ..constrain import grammar_for
 from ..errors import InputError
-from ..types import GenerationChunk, GenerationParams, Usage
+from ..types import GenerationChunk, GenerationParams, TokenLogprob, Usage
 from .api_errors import ApiError, from_input_error, internal_error
 from .media import MediaPolicy, to_runtime_messages
 from .metrics import ServerMetrics
@@ -32,9 +33,12 @@ from .schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     ResponseMessage,
+    TokenLogprobInfo,
+    TopLogprob,
     UsageInfo,
     log_ignored_fields,
     unsupported,
@@ -84,6 +88,9 @@ def generation_params(req: ChatCompletionRequest, context_length: int, settings:
         stop=stop,
         cache_prompt=req.cache_prompt is not False,
         lookup=settings.default_lookup if req.lookup is None else req.lookup,
+        response_format=req.response_format.model_dump(by_alias=True) if req.response_format else None,
+        logprobs=bool(req.logprobs),
+        top_logprobs=req.top_logprobs or 0,
     )
 
 
@@ -96,6 +103,7 @@ async def chat_completion(req: ChatCompletionRequest, request: Request, state: S
     log_ignored_fields(req)
     params = generation_params(req, pipeline.context_length, state.settings)
     audio = audio_output(req, pipeline)
+    grammar_for(params.response_format)  # an unsupported schema is a 400 before the request queues
     if state.worker.full():  # refuse before downloading / decoding any image
         raise _queue_full(state.worker.retry_after())
     messages = await run_in_threadpool(to_runtime_messages, req.messages, state.media)
@@ -131,6 +139,8 @@ def _check_request(req: ChatCompletionRequest, state: ServerState):
     problem = unsupported(req)
     if problem is not None:
         raise ApiError(400, problem[1], param=problem[0], code="unsupported_parameter")
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     return pipeline
 
 
@@ -188,9 +198,11 @@ class _Run:
 
     async def collect(self, item: Any) -> JSONResponse:
         texts: list[str] = []
+        entries: list[TokenLogprob] = []
         sound: list = []
         while item is not DONE:
             texts.append(item.text)
+            entries += item.logprobs or ()
             if item.audio is not None:
                 sound.append(item.audio)
             if item.finish_reason is not None:
@@ -198,7 +210,7 @@ class _Run:
                 text = "".join(texts)
                 message = (ResponseMessage(content=text) if self.audio is None else
                            ResponseMessage(content=None, audio=self.audio.message_audio(text, sound)))
-                choice = Choice(message=message, finish_reason=item.finish_reason)
+                choice = Choice(message=message, finish_reason=item.finish_reason, logprobs=self._logprobs(entries))
                 body = ChatCompletion(id=self.job.request_id, created=self.created, model=self.model,
                                       choices=[choice], usage=usage)
                 return JSONResponse(body.model_dump(mode="json"))
@@ -212,9 +224,9 @@ class _Run:
             while item is not DONE:
                 if item.audio is not None:
                     yield self._chunk(Delta(audio=self.audio.delta_audio(item.audio)))
-                if item.text:
-                    yield self._chunk(Delta(content=item.text) if self.audio is None
-                                      else Delta(audio={"transcript": item.text}))
+                if item.text or item.logprobs:  # a token whose text is held back still has its logprob
+                    delta = Delta(content=item.text) if self.audio is None else Delta(audio={"transcript": item.text})
+                    yield self._chunk(delta, logprobs=self._logprobs(item.logprobs or []))
                 if item.finish_reason is not None:
                     usage = self._usage(item.usage)
                     yield self._chunk(Delta(), finish_reason=item.finish_reason)
@@ -243,8 +255,15 @@ class _Run:
         self.state.metrics.cancelled.inc()
         self.request.state.status_override = 499  # nginx's "client closed request": only the log sees it
 
-    def _chunk(self, delta: Delta, finish_reason: str | None = None) -> str:
-        choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
+    def _logprobs(self, entries: list[TokenLogprob]) -> ChoiceLogprobs | None:
+        """OpenAI's choice.logprobs for these tokens; None unless the request asked for logprobs."""
+        if not self.job.params.logprobs:
+            return None
+        return ChoiceLogprobs(content=[TokenLogprobInfo(**_top(e), top_logprobs=[TopLogprob(**_top(t)) for t in e.top])
+                                       for e in entries])
+
+    def _chunk(self, delta: Delta, finish_reason: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
+        choice = ChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=logprobs)
         return self._event(ChatCompletionChunk(id=self.job.request_id, created=self.created, model=self.model,
                                                choices=[choice]))
 
@@ -279,6 +298,10 @@ class _Run:
         where = "while generating" if self.job.started_at is not None else "while waiting for the model"
         return ApiError(504, f"the request timed out after {self.state.settings.request_timeout:g} s ({where})",
                         type="timeout_error", code="request_timeout")
+
+
+def _top(entry: TokenLogprob) -> dict[str, Any]:
+    return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.bytes)}
 
 
 def _shutting_down() -> ApiError:

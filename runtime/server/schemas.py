@@ -3,13 +3,14 @@
 Requests are strict: wrong JSON types are refused instead of coerced ("10" is not an int), and unknown
 fields are refused, as the OpenAI API does, so a typo ("max_token", "imageurl") is a 400 rather than a
 silently ignored setting. Three kinds of declared fields:
-- used: the sampling fields, stop, stream, the extensions top_k, min_p, repetition_penalty (and
-  llama.cpp's name repeat_penalty), cache_prompt, lookup;
+- used: the sampling fields, stop, stream, response_format (text, json_object, json_schema),
+  logprobs and top_logprobs, the extensions top_k, min_p, repetition_penalty (and llama.cpp's name
+  repeat_penalty), cache_prompt, lookup;
 - ignored (IGNORED_FIELDS; logged once at debug): fields of OpenAI and of other OpenAI-compatible
   servers that change nothing in the reply here (user, metadata, store, OpenRouter's provider...),
   and on messages `name`, `tool_call_id`, `cache_control` (prompt-caching hints);
 - refused by `unsupported()` unless at their "off" value: features that would change the output and
-  are not implemented (n > 1, tools, logprobs, logit_bias, response_format json).
+  are not implemented (n > 1, tools, logit_bias).
 Audio output (`modalities`, `audio`) is checked by speech_output.py.
 An assistant message may carry `tool_calls` and `tool` messages may follow it: a history from a client
 that uses tools elsewhere is rendered by the model's chat template (its <tool_call> format).
@@ -22,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from ..sampler import MAX_LOOKUP
+from ..sampler import MAX_LOOKUP, MAX_TOP_LOGPROBS
 
 log = logging.getLogger(__name__)
 _STRICT = ConfigDict(extra="forbid", strict=True)
@@ -39,6 +40,7 @@ Lookup = Annotated[int, Field(ge=0, le=MAX_LOOKUP, description="Prompt lookup dr
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="1 = off (default).")]
 MaxTokens = Annotated[int, Field(ge=1)]
 StopText = Annotated[str, Field(min_length=1)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, description="Needs logprobs: true.")]
 
 
 CacheControl = Annotated[dict[str, Any] | None, Field(None, description="Prompt-caching hint; ignored.")]
@@ -154,6 +156,38 @@ class ToolMessage(BaseModel):
 ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
 
 
+class TextFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    """Any JSON object (OpenAI's JSON mode)."""
+
+    model_config = _STRICT
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON value
+    strict: bool | None = None  # the grammar is enforced either way
+
+
+class JsonSchemaFormat(BaseModel):
+    """A reply that validates against a JSON Schema (what openai's `parse` and LangChain's
+    `with_structured_output` send)."""
+
+    model_config = _STRICT
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
@@ -182,6 +216,9 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     cache_prompt: bool | None = None  # extension (llama.cpp server's name): false = no KV prefix reuse
     lookup: Lookup | None = None  # extension: prompt lookup draft tokens per step (the server's default)
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
     # accepted and ignored (IGNORED_FIELDS): OpenAI's ...
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -198,12 +235,9 @@ class ChatCompletionRequest(BaseModel):
     route: str | None = None
     models: list[str] | None = None
     # accepted only at their "off" value (see unsupported())
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     functions: list[dict[str, Any]] | None = None  # the deprecated form of tools
     function_call: str | dict[str, Any] | None = None
@@ -228,16 +262,12 @@ def unsupported(req: ChatCompletionRequest) -> tuple[str, str] | None:
         return "repeat_penalty", "repeat_penalty and repetition_penalty are the same setting; they differ here"
     if req.n is not None and req.n != 1:
         return "n", f"n must be 1 (this server returns a single choice), got {req.n}"
-    if req.logprobs or req.top_logprobs:
-        return "logprobs", "logprobs are not supported by this server"
     if req.logit_bias:
         return "logit_bias", "logit_bias is not supported by this server"
     if req.tools or req.functions:
         return "tools" if req.tools else "functions", "tools / function calling are not supported by this server"
     if req.tool_choice not in (None, "none", "auto") or req.function_call not in (None, "none", "auto"):
         return "tool_choice", "tool_choice is not supported by this server"
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        return "response_format", "only response_format {\"type\": \"text\"} is supported"
     return None
 
 
@@ -267,11 +297,28 @@ class ResponseMessage(BaseModel):
         return out
 
 
+class TopLogprob(BaseModel):
+    model_config = _OUT
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobInfo(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    model_config = _OUT
+    content: list[TokenLogprobInfo] | None
+    refusal: None = None
+
+
 class Choice(BaseModel):
     model_config = _OUT
     index: int = 0
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -300,7 +347,7 @@ class ChunkChoice(BaseModel):
     model_config = _OUT
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 

@@ -295,3 +295,33 @@ def test_serve_runs_a_bundle_end_to_end(fp32_bundle):
         finally:
             proc.kill()
             proc.stderr.close()
+
+
+RECEIPT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["shop", "total", "items"],
+                  "properties": {"shop": {"type": "string", "maxLength": 10}, "total": {"type": "number"},
+                                 "items": {"type": "array", "maxItems": 2,
+                                           "items": {"enum": ["bread", "milk", "tea"]}}}}
+
+
+@pytest.mark.parametrize("temperature", ["0", "1"])
+def test_infer_json_schema_reply_validates(fp32_bundle, tmp_path, temperature):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = tmp_path / "receipt.json"
+    schema.write_text(json.dumps(RECEIPT_SCHEMA))
+    out = json.loads(minicpmo("infer", "--model", fp32_bundle, "--prompt", "Read the receipt.", "--json-schema",
+                              schema, "--max-tokens", "300", "--temperature", temperature, "--seed", "2",
+                              "--json").stdout)
+    assert out["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(out["text"]), RECEIPT_SCHEMA)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"type": "array", "uniqueItems": true}', "uniqueItems"),
+    ("{not json", "not a readable JSON file"),
+])
+def test_infer_bad_json_schema_is_one_error_line(fp32_bundle, tmp_path, content, message):
+    schema = tmp_path / "schema.json"
+    schema.write_text(content)
+    proc = minicpmo("infer", "--model", fp32_bundle, "--prompt", "x", "--json-schema", schema, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr

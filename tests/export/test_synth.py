@@ -275,3 +275,14 @@ def test_synthetic_tokenizer_is_deterministic(synth_tok, tmp_path):
     folder, _ = synth_tok
     build_tokenizer(tmp_path)
     assert _file_bytes(tmp_path) == _file_bytes(folder)
+
+
+def test_grown_bpe_reaches_the_size_and_repeats():
+    from minicpmo.export.synth_tokenizer import grown_bpe, make_tokenizer
+
+    vocab, merges = grown_bpe(3000, seed=1)
+    assert len(vocab) == 3000 and (vocab, merges) == grown_bpe(3000, seed=1)
+    assert all(a in vocab and b in vocab and a + b in vocab for a, b in merges)
+    tok = make_tokenizer(vocab, merges)[0]
+    text = "The receipt total is 42.50 EUR."
+    assert tok.decode(tok.encode(text).ids) == text

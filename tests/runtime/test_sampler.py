@@ -183,3 +183,17 @@ def test_min_p_in_the_sampler_never_draws_a_dropped_token():
     assert drawn == {0, 1}
     with pytest.raises(InputError, match="min_p"):
         make_sampler(GenerationParams(min_p=1.5))
+
+
+def test_top_logprobs_are_the_log_softmax_best_first_ties_by_id():
+    from minicpmo.runtime.sampler import top_logprobs
+
+    logits = np.random.default_rng(3).standard_normal(5000).astype(np.float32)
+    logits[[7, 9, 11]] = 4.0  # a three-way tie at the top
+    x = logits.astype(np.float64)
+    reference = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    chosen, best = top_logprobs(logits, 42, 5)
+    assert chosen == pytest.approx(reference[42], abs=1e-6)  # float32 exp, float64 sum
+    assert [i for i, _ in best] == [7, 9, 11, *np.argsort(-x, kind="stable")[3:5]]
+    assert [v for _, v in best] == pytest.approx(reference[[i for i, _ in best]], abs=1e-6)
+    assert top_logprobs(logits, 0, 0)[1] == [] and len(top_logprobs(logits[:3], 0, 5)[1]) == 3

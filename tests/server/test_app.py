@@ -193,8 +193,18 @@ BAD_BODIES = [
      "unsupported_parameter", "n"),
     ({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
      400, "unsupported_parameter", "tools"),
-    ({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400,
-     "unsupported_parameter", "logprobs"),
+    ({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "invalid_value", "top_logprobs"),
+    ({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     400, "invalid_value", "top_logprobs"),
+    ({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+     400, "invalid_value", "response_format"),
+    ({"model": "fake-model", "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, 400, "missing_field",
+     "response_format.json_schema.name"),
+    ({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}},
+     400, "unsupported_schema_feature", "response_format.json_schema.schema"),
     ({"model": "other", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found", "model"),
 ]
 
