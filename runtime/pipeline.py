@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .batch_decoder import slot_decoder
 from .bundle_check import check_decoder, check_encoder
 from .errors import AudioError, ContextLengthError, InputError
 from .generate import Decoder, StepStats, generate_tokens, prefill_prompt
@@ -24,6 +25,7 @@ from .preprocess.image import SlicingParams
 from .preprocess.image_io import load_image
 from .preprocess.prompt import build_prompt
 from .sampler import make_sampler
+from .scheduler import generate_batch
 from .sessions import EmbeddingTable, create_decoder_session, create_session, kv_device, resolve_provider
 from .splice import splice_embeddings
 from .stopping import StopMatcher
@@ -43,7 +45,9 @@ class Pipeline:
 
     def __init__(self, manifest: Manifest, provider: str = "auto", threads: int | None = None,
                  context_length: int | None = None, image_cache_bytes: int = 256 * 1024 * 1024,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, parallel: int = 1):
+        """parallel: KV slots of `context_length` each for decoding that many sequences together
+        (`generate_batch`, the server's --parallel); slot 0 is also the one `generate` uses."""
         t0 = time.perf_counter()
         self.manifest = manifest
         self.provider = resolve_provider(provider)
@@ -68,9 +72,14 @@ class Pipeline:
         graph = cuda_graph and kv_on == "cuda"
         session = create_decoder_session(manifest, self.provider, threads, cuda_graph=graph)
         check_decoder(manifest, session)
-        self.kv = KVCache(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], self.context_length,
-                          io_names=dec["io"], device=kv_on, dtype=kv_dtype)
-        self.decoder = Decoder(session, dec["io"], self.kv, dec["vocab_size"], cuda_graph=graph)
+        self.batch = None
+        if parallel > 1:
+            self.batch = slot_decoder(manifest, session, self.context_length, parallel, kv_on)
+            self.kv, self.decoder = self.batch.caches.slots[0], self.batch.decoders[0]
+        else:
+            self.kv = KVCache(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], self.context_length,
+                              io_names=dec["io"], device=kv_on, dtype=kv_dtype)
+            self.decoder = Decoder(session, dec["io"], self.kv, dec["vocab_size"], cuda_graph=graph)
         vis = manifest["vision"]
         vision = create_session(manifest.path(vis["file"]), self.provider, threads, memory_arena=False)
         check_encoder(manifest, "vision", vision)
@@ -108,6 +117,12 @@ class Pipeline:
                                  self.stop_ids | set(params.stop_token_ids), stats, reuse_prefix=params.cache_prompt,
                                  lookup=params.lookup)
         yield from self._stream_text(tokens, params, usage, stats)
+
+    def generate_batch(self, conversations: list[list[Message]],
+                       params: GenerationParams | list[GenerationParams] | None = None):
+        """Stream the replies to several conversations, decoded together, as (index, GenerationChunk);
+        loaded with parallel=N, N at a time (runtime/scheduler.py), else one after another."""
+        return generate_batch(self, conversations, params)
 
     def prompt_logits(self, messages: list[Message], cache_prompt: bool = True) -> tuple[np.ndarray, int]:
         """The logits the first reply token is sampled from (a copy), and how many prompt positions
