@@ -24,6 +24,7 @@ from .errors import BundleError, InputError
 from .generate import Decoder
 from .kv_cache import KVCache
 from .manifest import Manifest
+from .sessions import kv_device, resolve_provider
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,17 @@ def takes_batches(session: ort.InferenceSession, io_names: dict[str, str]) -> bo
     """Whether the decoder graph has a batch dimension (bundles exported before it have 1)."""
     shape = next(i.shape for i in session.get_inputs() if i.name == io_names["inputs_embeds"])
     return not isinstance(shape[0], int)
+
+
+def why_not_batched(manifest: Manifest, provider: str) -> str | None:
+    """Why this bundle cannot decode several sequences together on `provider` (None: it can)."""
+    dec = manifest["decoder"]
+    shape = next((v["shape"] for v in dec.get("inputs", []) if v["name"] == dec["io"]["inputs_embeds"]), [1])
+    if not isinstance(shape[0], str):
+        return "its decoder takes one sequence at a time (exported before batched decoding; re-export it)"
+    if kv_device(resolve_provider(provider), np.dtype(dec.get("kv_dtype", "float32"))) != "cpu":
+        return "decoding several sequences together runs with the KV cache in host memory (the CPU provider)"
+    return None
 
 
 @dataclass
