@@ -181,3 +181,24 @@ def test_generate_batch_without_slots_runs_one_after_another(single):
     params = GenerationParams(max_tokens=3, cache_prompt=False)
     got = together(single, [chat("a"), chat("b")], params)
     assert got == [alone(single, chat(t), params) for t in "ab"]
+
+
+def test_int8_activations_quantize_each_row_alone(int4_bundle):
+    """MatMulNBits at accuracy level 4 quantizes activations per row and block, so a row's int8 values do
+    not depend on its batch neighbours: only the float summation order of the batched kernel differs."""
+    one = Pipeline.load(int4_bundle, context_length=128)
+    many = Pipeline.load(int4_bundle, context_length=128, parallel=4)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, one.embed.vocab_size, n) for n in (5, 31, 12, 20)]
+    want = []
+    for ids in prompts:
+        one.kv.reset()
+        one.decoder.prefill(one.embed(ids), [int(t) for t in ids])
+        want.append(one.decoder.forward(one.embed(np.array([3])), [3]).copy())
+    for i, ids in enumerate(prompts):
+        many.batch.prefill(i, many.embed(ids), [int(t) for t in ids])
+    got = many.batch.step({i: (many.embed(np.array([3]))[0], 3) for i in range(4)})
+    for i, w in enumerate(want):
+        # summation order moves logits by ~1e-7 of their scale; rows quantized with a scale shared across the
+        # batch (int8 steps of 1/127 of the batch's largest activation) would move them by orders more
+        np.testing.assert_allclose(got[i], w, rtol=0, atol=1e-4 * float(np.abs(w).max()))
