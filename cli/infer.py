@@ -87,9 +87,17 @@ def stats_line(usage: Usage, lookup: bool) -> str:
             f"prefill {u['prefill_tokens_per_s']:.1f} tok/s, decode {u['decode_tokens_per_s']:.1f} tok/s{drafts}]")
 
 
-def run_infer(*, model, provider, threads, context_length, media: MediaArgs, prompt, system, as_json,
+MAX_BATCH = 8  # several prompts decode this many at a time (KV slots of --context each)
+
+
+def run_infer(*, model, provider, threads, context_length, media: MediaArgs, prompts: list[str], system, as_json,
               sampling, cuda_graph: bool = True, speak: Path | None = None, voice: str | None = None) -> None:
-    content = media_parts(media) + [{"type": "text", "text": prompt}]
+    parts = media_parts(media)
+    conversations = [([{"role": "system", "content": system}] if system else [])
+                     + [{"role": "user", "content": parts + [{"type": "text", "text": p}]}] for p in prompts]
+    if len(prompts) > 1:
+        return _run_batch(model, conversations, prompts, provider=provider, threads=threads,
+                          context_length=context_length, as_json=as_json, sampling=sampling)
     speech = None
     if speak is not None:
         from .speak import check_output, speech_request
@@ -98,7 +106,7 @@ def run_infer(*, model, provider, threads, context_length, media: MediaArgs, pro
         speech = speech_request(voice, sampling.get("seed"))
     pipe = Pipeline.load(model, provider=provider, threads=threads, context_length=context_length,
                          cuda_graph=cuda_graph, speech=speak is not None)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    messages = conversations[0]
     params = GenerationParams(**sampling)
     text, ids, last, audio = [], [], None, []
     for chunk in pipe.generate(messages, params, speech):
@@ -138,3 +146,30 @@ def run_infer(*, model, provider, threads, context_length, media: MediaArgs, pro
     if said:
         click.echo(said, err=True)
     sys.stdout.flush()
+
+
+def _run_batch(model, conversations, prompts, *, provider, threads, context_length, as_json, sampling) -> None:
+    """Several questions decoded together; each reply is printed whole when it ends (JSON: one line each)."""
+    from ..runtime.batch_decoder import why_not_batched
+    from ..runtime.manifest import load_manifest
+
+    manifest = load_manifest(model)
+    reason = why_not_batched(manifest, provider)
+    parallel = 1 if reason else min(len(prompts), MAX_BATCH)
+    if reason:
+        click.echo(f"note: answering one question at a time: {reason}", err=True)
+    pipe = Pipeline(manifest, provider=provider, threads=threads, context_length=context_length, parallel=parallel)
+    texts, ids = [[] for _ in prompts], [[] for _ in prompts]
+    for i, chunk in pipe.generate_batch(conversations, GenerationParams(**sampling)):
+        texts[i].append(chunk.text)
+        ids[i] += chunk.token_ids
+        if not chunk.finish_reason:
+            continue
+        text = "".join(texts[i])
+        if as_json:
+            click.echo(json.dumps({"index": i, "prompt": prompts[i], "text": text, "finish_reason": chunk.finish_reason,
+                                   "token_ids": ids[i], "usage": chunk.usage.as_dict()}))
+        else:
+            click.echo(f"[{i + 1}] {prompts[i]}\n{text}\n")
+            click.echo(f"[{i + 1}] {stats_line(chunk.usage, False)}", err=True)
+        sys.stdout.flush()

@@ -243,7 +243,10 @@ def _print_export_summary(out: Path) -> None:
               help="Video frames kept per second.")
 @click.option("--max-frames", type=click.IntRange(1), default=64, show_default=True,
               help="Most video frames (spread evenly over the video).")
-@click.option("--prompt", required=True, metavar="TEXT", help="The question.")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="The question; repeatable: several are answered together, each with the same media.")
+@click.option("--prompts", "prompts_file", type=click.File("r", encoding="utf-8"), metavar="FILE",
+              help="Questions, one per line ('-': stdin), answered together like repeated --prompt.")
 @SYSTEM
 @click.option("--speak", type=click.Path(path_type=Path), metavar="FILE.wav",
               help="Also speak the reply: write it as a 24 kHz WAV file (bundles exported with speech).")
@@ -253,11 +256,12 @@ def _print_export_summary(out: Path) -> None:
 @click.option("--json-schema", "json_schema", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
               help="Constrain the reply to JSON that validates against this JSON Schema file.")
 @click.option("--json-object", is_flag=True, help="Constrain the reply to a JSON object (any keys).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object instead of streaming text (one line per question when several).")
 @_fail_cleanly
-def infer(model, images, max_slices, audios, video, frames, fps, max_frames, prompt, system, speak, voice,
-          as_json, json_schema, json_object, **kwargs) -> None:
-    """Answer one question about images, audio clips or a video.
+def infer(model, images, max_slices, audios, video, frames, fps, max_frames, prompts, prompts_file, system, speak,
+          voice, as_json, json_schema, json_object, **kwargs) -> None:
+    """Answer a question (or several, decoded together) about images, audio clips or a video.
 
     \b
     minicpmo infer --model models/minicpmo-int4 --image photo.jpg --prompt "What is in it?"
@@ -265,15 +269,21 @@ def infer(model, images, max_slices, audios, video, frames, fps, max_frames, pro
     minicpmo infer --model models/minicpmo-int4 --frames clip/ --prompt "What happens?"
     minicpmo infer --model models/minicpmo-int4 --prompt "Say hello." --speak hello.wav --voice me.wav
     minicpmo infer --model models/minicpmo-int4 --image receipt.jpg --prompt "Extract it." --json-schema receipt.json
+    minicpmo infer --model models/minicpmo-int4 --prompts questions.txt --json
     """
     from .infer import MediaArgs, response_format, run_infer
 
+    prompts = list(prompts) + ([line.strip() for line in prompts_file if line.strip()] if prompts_file else [])
+    if not prompts:
+        raise click.UsageError("give the question with --prompt TEXT (or several with --prompts FILE)")
     if voice and not speak:
         raise click.UsageError("--voice needs --speak FILE.wav")
+    if speak and len(prompts) > 1:
+        raise click.UsageError("--speak answers one question (one --prompt)")
     media = MediaArgs(images=images, max_slices=max_slices, audios=audios, video=video, frames=frames, fps=fps,
                       max_frames=max_frames)
     sampling = _sampling(kwargs) | {"response_format": response_format(json_schema, json_object)}
-    run_infer(model=model, media=media, prompt=prompt, system=system, as_json=as_json,
+    run_infer(model=model, media=media, prompts=prompts, system=system, as_json=as_json,
               sampling=sampling, speak=speak, voice=voice, **_runtime(kwargs))
 
 
@@ -355,8 +365,11 @@ def bench(model, prompt_tokens, decode_tokens, repeats, threads, provider, no_cu
               help="Reply length for requests that set no max_tokens [until a stop token or the context's end].")
 @click.option("--lookup", type=click.IntRange(0, MAX_LOOKUP), default=0, show_default=True, metavar="N",
               help="Prompt lookup draft tokens per step for requests that do not set `lookup` (0 = off).")
+@click.option("--parallel", type=click.IntRange(1), metavar="N",
+              help="Requests decoded together, each in its own KV slot of --context tokens [4 where the bundle "
+                   "and provider allow it, else 1].")
 @click.option("--max-queue", type=click.IntRange(1), default=16, show_default=True,
-              help="Requests waiting for the model; more get 429 with Retry-After.")
+              help="Requests waiting for a free slot; more get 429 with Retry-After.")
 @click.option("--request-timeout", type=click.FloatRange(0, min_open=True), default=600.0, show_default=True,
               metavar="SECONDS", help="Queue wait plus generation; then 504 and the generation stops.")
 @click.option("--allowed-local-media", type=click.Path(path_type=Path), metavar="DIR",

@@ -1,11 +1,11 @@
 """Qwen2 decoder-with-past graph, built straight from streamed weights.
 
-Inputs:  inputs_embeds [1, S, D] f32, past_key_values.{i}.key/value [1, Hkv, M, Dh] (M = the
+Inputs:  inputs_embeds [B, S, D] f32, past_key_values.{i}.key/value [B, Hkv, M, Dh] (M = the
          preallocated cache length; past and present are bound to the same buffer),
-         seqlens_k [1] i32 (= total length - 1), total_sequence_length [] i32,
+         seqlens_k [B] i32 (= each sequence's total length - 1), total_sequence_length [] i32,
          logits_start [1] i64 (where the positions that get logits start, counted from the end:
          -1 for the last one, -(1 + N) when a prompt-lookup step verifies N draft tokens).
-Outputs: logits [1, L, V] f32 (the last L = -logits_start positions only: prefill never pays for
+Outputs: logits [B, L, V] f32 (the last L = -logits_start positions only: prefill never pays for
          S x V logits),
          present.{i}.key/value (the same buffers, written in place by GroupQueryAttention),
          hidden_states [1, S, D] f32: the final norm's output at every position run, what upstream's
@@ -16,6 +16,9 @@ Outputs: logits [1, L, V] f32 (the last L = -logits_start positions only: prefil
 The compute dtype (`ExportOptions.decoder_dtype`) is that of the KV cache, the activations, the norm
 weights and the quantization scales: fp32 for CPUs, fp16 for GPUs. inputs_embeds and logits are f32
 either way (cast at the graph's edges), so the runtime feeds and reads both variants alike.
+B sequences decode in one call (runtime/scheduler.py): GroupQueryAttention takes each one's length
+from seqlens_k (its rotary positions and where its new K/V rows go), so sequences of different
+lengths share a step; every other node is per row. The single-sequence runtime feeds B = 1.
 `use_int8_kv_cache` turns a built fp32 graph's cache into int8 (static per-channel scales).
 
 One layer (x = residual stream):
@@ -148,17 +151,17 @@ def _mlp(g, i, n, read, opts, on_error, imp) -> str:
 
 
 def _declare_io(g: GraphBuilder, cfg: DecoderConfig, dt: np.dtype) -> None:
-    f32, kv = TensorProto.FLOAT, [1, cfg.num_key_value_heads, "max_cache_len", cfg.head_dim]
+    f32, kv = TensorProto.FLOAT, ["batch_size", cfg.num_key_value_heads, "max_cache_len", cfg.head_dim]
     kv_type = NP_TO_ONNX[dt]
-    g.input(IO.inputs_embeds, f32, [1, "sequence_length", cfg.hidden_size])
+    g.input(IO.inputs_embeds, f32, ["batch_size", "sequence_length", cfg.hidden_size])
     for i in range(cfg.num_hidden_layers):
         g.input(IO.past_key.format(i=i), kv_type, kv)
         g.input(IO.past_value.format(i=i), kv_type, kv)
-    g.input(IO.seqlens_k, TensorProto.INT32, [1])
+    g.input(IO.seqlens_k, TensorProto.INT32, ["batch_size"])
     g.input(IO.total_sequence_length, TensorProto.INT32, [])
     g.input(IO.logits_start, TensorProto.INT64, [1])
-    g.output(IO.logits, f32, [1, "logits_length", cfg.vocab_size])
-    g.output(IO.hidden_states, f32, [1, "sequence_length", cfg.hidden_size])
+    g.output(IO.logits, f32, ["batch_size", "logits_length", cfg.vocab_size])
+    g.output(IO.hidden_states, f32, ["batch_size", "sequence_length", cfg.hidden_size])
     for i in range(cfg.num_hidden_layers):
         g.output(IO.present_key.format(i=i), kv_type, kv)
         g.output(IO.present_value.format(i=i), kv_type, kv)

@@ -16,14 +16,16 @@ import onnxruntime as ort
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_length: int, *,
                  io_names: dict[str, str], device: str = "cpu", device_id: int = 0,
-                 dtype=np.float32):
+                 dtype=np.float32, buffers: list[tuple[ort.OrtValue, ort.OrtValue]] | None = None):
+        """buffers: per layer (keys, values) [1, kv_heads, max_length, head_dim] to use instead of new
+        ones (the scheduler's slots: rows of one batched buffer)."""
         self.max_length = max_length
         self.num_layers = num_layers
         self._names = io_names
         self.dtype = np.dtype(dtype)
         self.device, self.device_id = device, device_id
         shape = (1, num_kv_heads, max_length, head_dim)
-        self._buffers = [
+        self._buffers = buffers or [
             (ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, device_id),
              ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, device_id))
             for _ in range(num_layers)

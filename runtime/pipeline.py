@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from . import spoken_reply as spoken
+from .batch_decoder import slot_decoder
 from .bundle_check import check_decoder, check_encoder
 from .constrain import GrammarConstraint, GrammarVocabulary, schema_of
 from .errors import AudioError, ContextLengthError, InputError
@@ -28,6 +29,7 @@ from .preprocess.image import SlicingParams
 from .preprocess.image_io import load_image
 from .preprocess.prompt import build_prompt
 from .sampler import Sampler, make_sampler
+from .scheduler import generate_batch
 from .sessions import EmbeddingTable, create_decoder_session, create_session, kv_device, resolve_provider
 from .speech import SpeechRequest
 from .splice import splice_embeddings
@@ -49,7 +51,9 @@ class Pipeline:
 
     def __init__(self, manifest: Manifest, provider: str = "auto", threads: int | None = None,
                  context_length: int | None = None, image_cache_bytes: int = 256 * 1024 * 1024,
-                 cuda_graph: bool = True, speech: bool = True):
+                 cuda_graph: bool = True, speech: bool = True, parallel: int = 1):
+        """parallel: KV slots of `context_length` each for decoding that many sequences together
+        (`generate_batch`, the server's --parallel); slot 0 is also the one `generate` uses."""
         t0 = time.perf_counter()
         self.manifest = manifest
         self.provider = resolve_provider(provider)
@@ -74,9 +78,14 @@ class Pipeline:
         graph = cuda_graph and kv_on == "cuda"
         session = create_decoder_session(manifest, self.provider, threads, cuda_graph=graph)
         check_decoder(manifest, session)
-        self.kv = KVCache(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], self.context_length,
-                          io_names=dec["io"], device=kv_on, dtype=kv_dtype)
-        self.decoder = Decoder(session, dec["io"], self.kv, dec["vocab_size"], cuda_graph=graph)
+        self.batch = None
+        if parallel > 1:
+            self.batch = slot_decoder(manifest, session, self.context_length, parallel, kv_on)
+            self.kv, self.decoder = self.batch.caches.slots[0], self.batch.decoders[0]
+        else:
+            self.kv = KVCache(dec["num_layers"], dec["num_kv_heads"], dec["head_dim"], self.context_length,
+                              io_names=dec["io"], device=kv_on, dtype=kv_dtype)
+            self.decoder = Decoder(session, dec["io"], self.kv, dec["vocab_size"], cuda_graph=graph)
         vis = manifest["vision"]
         vision = create_session(manifest.path(vis["file"]), self.provider, threads, memory_arena=False)
         check_encoder(manifest, "vision", vision)
@@ -159,6 +168,12 @@ class Pipeline:
         raw = self.tokenizer.token_bytes(token_id)
         return TokenLogprob(token_id, raw.decode("utf-8", errors="replace"), raw, logprob,
                             tuple(self._token_logprob(i, lp) for i, lp in top))
+
+    def generate_batch(self, conversations: list[list[Message]],
+                       params: GenerationParams | list[GenerationParams] | None = None):
+        """Stream the replies to several conversations, decoded together, as (index, GenerationChunk);
+        loaded with parallel=N, N at a time (runtime/scheduler.py), else one after another."""
+        return generate_batch(self, conversations, params)
 
     def prompt_logits(self, messages: list[Message], cache_prompt: bool = True) -> tuple[np.ndarray, int]:
         """The logits the first reply token is sampled from (a copy), and how many prompt positions

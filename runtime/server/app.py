@@ -29,7 +29,7 @@ from .media import MediaPolicy
 from .metrics import ServerMetrics
 from .schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
 from .settings import ServerSettings
-from .worker import Worker
+from .worker import BatchWorker, Worker
 
 log = logging.getLogger("minicpmo.server")
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -50,8 +50,9 @@ def create_app(pipeline_or_factory: Any, settings: ServerSettings | None = None)
     if hasattr(pipeline_or_factory, "generate"):
         def factory():
             return pipeline_or_factory
-    state = ServerState(settings, Worker(factory, settings.max_queue), ServerMetrics(),
-                        MediaPolicy.from_settings(settings))
+    worker = (BatchWorker(factory, settings.max_queue, settings.parallel) if settings.parallel > 1
+              else Worker(factory, settings.max_queue))
+    state = ServerState(settings, worker, ServerMetrics(), MediaPolicy.from_settings(settings))
     _add_gauges(state)
 
     @asynccontextmanager
@@ -79,7 +80,7 @@ def create_app(pipeline_or_factory: Any, settings: ServerSettings | None = None)
 def _add_gauges(state: ServerState) -> None:
     w = state.worker
     state.metrics.add_gauge("minicpmo_queue_depth", "Requests waiting for the model.", lambda: w.waiting)
-    state.metrics.add_gauge("minicpmo_requests_running", "Generations running (0 or 1).", lambda: w.running)
+    state.metrics.add_gauge("minicpmo_requests_running", "Generations running (up to --parallel).", lambda: w.running)
     state.metrics.add_gauge("minicpmo_model_loaded", "1 once the model has loaded.", lambda: w.state == "ready")
 
 

@@ -28,6 +28,7 @@ class ServerSettings:
     served_model_names: tuple[str, ...] = ()  # ids clients may ask for; the first is reported [bundle name]
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any)
     default_max_tokens: int | None = None  # None: until a stop token or the end of the context
+    parallel: int = 1  # generations decoded together (the pipeline must be loaded with as many slots)
 
     allow_urls: bool = True  # False: refuse every http(s) image URL (offline servers, fuzz tests)
     url_timeout: float = 10.0  # seconds for one image download, all redirects included
@@ -37,7 +38,7 @@ class ServerSettings:
     default_lookup: int = 0  # prompt lookup draft tokens for requests that do not set `lookup`
 
     def __post_init__(self) -> None:
-        positive = ("max_queue", "max_image_bytes", "max_image_pixels", "request_timeout", "url_timeout",
+        positive = ("parallel", "max_queue", "max_image_bytes", "max_image_pixels", "request_timeout", "url_timeout",
                     "max_images_per_request", "max_request_bytes")
         for name in positive:
             if getattr(self, name) <= 0:

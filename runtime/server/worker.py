@@ -1,4 +1,5 @@
-"""The one thread that owns the Pipeline: it loads it, then runs queued generations one at a time.
+"""The one thread that owns the Pipeline: it loads it, then runs queued generations one at a time
+(`Worker`), or up to --parallel of them together (`BatchWorker`, over runtime/scheduler.py).
 
 The pipeline is not thread-safe, so every generation runs on this thread. Requests are admitted into
 a bounded queue (`max_queue` waiting + the one running); each Job carries an asyncio queue that the
@@ -189,3 +190,101 @@ class Worker:
     def _record_duration(self, seconds: float) -> None:
         with self._lock:
             self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
+
+
+class BatchWorker(Worker):
+    """The worker for a pipeline loaded with parallel > 1: up to that many jobs generate together
+    (runtime/scheduler.py), joining and leaving between decode steps."""
+
+    def __init__(self, factory: Callable[[], Any], max_queue: int, parallel: int):
+        super().__init__(factory, max_queue)
+        self.parallel = parallel
+
+    def full(self) -> bool:
+        with self._lock:
+            return self._admitted >= self.max_queue + self.parallel
+
+    def submit(self, job: Job) -> None:
+        if self.state != "ready":
+            raise NotReady(self.load_error or "the model is still loading")
+        with self._lock:
+            full = self._admitted >= self.max_queue + self.parallel
+            if not full:
+                self._admitted += 1
+        if full:
+            raise QueueFull(self.retry_after())
+        self._jobs.put(job)
+
+    def retry_after(self) -> int:
+        with self._lock:
+            estimate = self._mean_seconds * max(self._admitted - self.parallel + 1, 1)
+        return int(min(max(math.ceil(estimate), 1), 600))
+
+    def _run(self) -> None:
+        from ..scheduler import Scheduler
+
+        if self.pipeline is None and not self._load():
+            return
+        scheduler = Scheduler(self.pipeline)
+        try:
+            while not self._stopping.is_set():
+                if not self._take_jobs(scheduler, block=not scheduler.busy):
+                    break
+                if scheduler.busy:
+                    self._step(scheduler)
+        finally:
+            scheduler.cancel_all()
+            while not self._jobs.empty():  # stopped: release whatever is still queued
+                if (job := self._jobs.get_nowait()) is not None:
+                    self._finish(job)
+
+    @staticmethod
+    def _step(scheduler) -> None:
+        try:
+            scheduler.step()
+        except Exception as e:  # a failing step ends the requests in it, not the server
+            log.error("a batched decode step failed", exc_info=e)
+            for reply in scheduler.replies:
+                if reply is not None:
+                    reply.request.fail(e)
+            scheduler.cancel_all()
+
+    def _take_jobs(self, scheduler, block: bool) -> bool:
+        """Move queued jobs to the scheduler (waiting for one when idle); False once stopped."""
+        while True:
+            try:
+                job = self._jobs.get(block=block)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            scheduler.submit(self._request(job))
+            block = False
+
+    def _request(self, job: Job):
+        from ..scheduler import BatchRequest
+
+        def start() -> None:
+            job.started_at = time.monotonic()
+            with self._lock:
+                self._running += 1
+
+        def fail(e: Exception) -> None:
+            if not isinstance(e, InputError):
+                log.error("request %s: generation failed", job.request_id, exc_info=not isinstance(e, MiniCPMOError))
+            job.emit(e)
+
+        def close() -> None:
+            if job.started_at is not None:
+                with self._lock:
+                    self._running -= 1
+                self._record_duration(time.monotonic() - job.started_at)
+            self._finish(job)
+
+        return BatchRequest(job.messages, job.params, emit=job.emit, fail=fail, close=close, start=start,
+                            cancelled=lambda: job.cancelled.is_set() or self._stopping.is_set())
+
+    def _finish(self, job: Job) -> None:
+        job.emit(DONE)
+        with self._lock:
+            self._admitted -= 1
