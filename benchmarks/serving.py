@@ -1,15 +1,21 @@
 """Concurrent streaming clients against `minicpmo serve --parallel` and llama-cpp-python's server.
 
     python -m benchmarks.serving BUNDLE [--gguf MODEL.gguf] [--clients 1,2,4,8] [--image-clients 1,4]
-                                 [--prompt-tokens 256] [--max-tokens 32] [--parallel 8] [--json]
+                                 [--prompt-tokens 256] [--max-tokens 64] [--parallel 8] [--json]
 
 Each server runs as a subprocess (2 threads). For each client count n, n real `openai` clients send
 one streaming greedy request each at the same moment; each prompt is ~`prompt-tokens` tokens of its
 own text (no shared prefix), optionally with cli/assets/demo.png (ours only: the GGUF has no vision
-projector). Per run: aggregate decode tok/s = every stream's tokens after its first / (last token of
-any stream - first token of any stream); TPOT = the gaps between a stream's consecutive tokens,
-p50/p95 over all streams; TTFT p50. llama-cpp-python's server decodes one request at a time (it has
-no n_parallel), the closest it comes to llama-server's --parallel.
+projector). Per run:
+- aggregate decode tok/s: the tokens streamed while all n streams were decoding at once (from the
+  last stream's first token to the first stream's last) over that window: batched decoding itself,
+  without the prompts' prefill (blank when the streams never all decoded at once);
+- output tok/s: every token over the whole run (prefill and queueing included);
+- TPOT: each stream's (last token - first token) / (tokens - 1), p50/p95 over the streams, and the
+  p95 of the gaps between consecutive tokens (where another prompt's prefill chunk shows);
+- TTFT p50.
+llama-cpp-python's server decodes one request at a time (it has no n_parallel), the closest it comes
+to llama-server's --parallel.
 """
 
 from __future__ import annotations
@@ -115,7 +121,7 @@ def stream_one(client, model: str, content, max_tokens: int, out: list, start: t
     stamps = []
     for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
                                                 max_tokens=max_tokens, temperature=0, stream=True):
-        if chunk.choices and chunk.choices[0].delta.content:
+        if chunk.choices and chunk.choices[0].delta.content:  # a token (or a few, held back as one text)
             stamps.append(time.perf_counter())
     out.append((t0, stamps))
 
@@ -140,13 +146,17 @@ def run_clients(server: Server, contents: list, max_tokens: int) -> dict:
 
 def summarize(results: list, foreign_cores: float) -> dict:
     streams = [(t0, s) for t0, s in results if len(s) >= 2]
+    start = min(t0 for t0, _ in results)
+    first, last = max(s[0] for _, s in streams), min(s[-1] for _, s in streams)
+    together = sum(sum(first < t <= last for t in s) for _, s in streams)
+    tpot = [(s[-1] - s[0]) / (len(s) - 1) for _, s in streams]
     gaps = [b - a for _, s in streams for a, b in zip(s, s[1:], strict=False)]
-    first, last = min(s[0] for _, s in streams), max(s[-1] for _, s in streams)
-    decoded = sum(len(s) - 1 for _, s in streams)
     return {"streams": len(results), "tokens": sum(len(s) for _, s in results),
-            "aggregate_decode_tok_s": round(decoded / (last - first), 2) if last > first else None,
-            "tpot_p50_ms": round(1000 * float(np.percentile(gaps, 50)), 1),
-            "tpot_p95_ms": round(1000 * float(np.percentile(gaps, 95)), 1),
+            "aggregate_decode_tok_s": round(together / (last - first), 2) if last > first and together else None,
+            "output_tok_s": round(sum(len(s) for _, s in results) / (max(s[-1] for _, s in streams) - start), 2),
+            "tpot_p50_ms": round(1000 * float(np.percentile(tpot, 50)), 1),
+            "tpot_p95_ms": round(1000 * float(np.percentile(tpot, 95)), 1),
+            "gap_p95_ms": round(1000 * float(np.percentile(gaps, 95)), 1),
             "ttft_p50_s": round(statistics.median(s[0] - t0 for t0, s in results if s), 2),
             "other_processes_cores": round(foreign_cores, 2)}
 
@@ -171,12 +181,12 @@ def _content(text: str, image: str | None):
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| server | image | clients | aggregate decode tok/s | TPOT p50 ms | TPOT p95 ms | TTFT p50 s | "
-           "other load (cores) |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| server | image | clients | aggregate decode tok/s | output tok/s | TPOT p50 / p95 ms | "
+           "token gap p95 ms | TTFT p50 s | other load (cores) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['server']} | {'yes' if r['image'] else 'no'} | {r['clients']} | "
-                   f"{r['aggregate_decode_tok_s']} | {r['tpot_p50_ms']} | {r['tpot_p95_ms']} | {r['ttft_p50_s']} | "
-                   f"{r['other_processes_cores']} |")
+                   f"{r['aggregate_decode_tok_s'] or '-'} | {r['output_tok_s']} | {r['tpot_p50_ms']} / "
+                   f"{r['tpot_p95_ms']} | {r['gap_p95_ms']} | {r['ttft_p50_s']} | {r['other_processes_cores']} |")
     return "\n".join(out)
 
 
@@ -187,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,2,4,8")
     p.add_argument("--image-clients", default="1,4", help="client counts for the requests with an image ('' none)")
     p.add_argument("--prompt-tokens", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
