@@ -1,7 +1,7 @@
 """Concurrent streaming clients against `minicpmo serve --parallel` and llama-cpp-python's server.
 
     python -m benchmarks.serving BUNDLE [--gguf MODEL.gguf] [--clients 1,2,4,8] [--image-clients 1,4]
-                                 [--prompt-tokens 256] [--max-tokens 64] [--parallel 8] [--json]
+                                 [--prompt-tokens 256] [--max-tokens 48] [--parallel 8] [--rounds 2]
 
 Each server runs as a subprocess (2 threads). For each client count n, n real `openai` clients send
 one streaming greedy request each at the same moment; each prompt is ~`prompt-tokens` tokens of its
@@ -161,17 +161,26 @@ def summarize(results: list, foreign_cores: float) -> dict:
             "other_processes_cores": round(foreign_cores, 2)}
 
 
-def measure(server: Server, counts: list[int], prompts: list[str], image: str | None, max_tokens: int) -> list:
-    rows, k = [], 0
-    run_clients(server, [_content(prompts[-1], image)], 4)  # warm-up (first-run allocations)
-    for n in counts:
-        contents = [_content(prompts[k + i], image) for i in range(n)]
-        k += n
-        row = {"server": server.name, "image": image is not None, "clients": n,
-               **run_clients(server, contents, max_tokens)}
-        log.info("%s", row)
-        rows.append(row)
-    return rows
+def measure(server: Server, counts: list[int], prompts: list[str], image: str | None, max_tokens: int,
+            rounds: int) -> list:
+    """Each client count once per round, rounds in alternating order (a neighbour's load on a shared
+    machine spreads over all counts); per count, each figure's median over the rounds."""
+    runs: dict[int, list[dict]] = {n: [] for n in counts}
+    k = 0
+    run_clients(server, [_content(prompts[k], image)], 4)  # warm-up (first-run allocations)
+    for r in range(rounds):
+        for n in counts if r % 2 == 0 else counts[::-1]:
+            contents = [_content(prompts[(k + 1 + i) % len(prompts)], image) for i in range(n)]
+            k += n
+            runs[n].append(run_clients(server, contents, max_tokens))
+            log.info("%s, %d clients, image %s: %s", server.name, n, image is not None, runs[n][-1])
+    return [{"server": server.name, "image": image is not None, "clients": n, "rounds": len(rs),
+             **{key: _median([x[key] for x in rs]) for key in rs[0]}} for n, rs in runs.items()]
+
+
+def _median(values: list):
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 2) if known else None
 
 
 def _content(text: str, image: str | None):
@@ -197,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,2,4,8")
     p.add_argument("--image-clients", default="1,4", help="client counts for the requests with an image ('' none)")
     p.add_argument("--prompt-tokens", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--parallel", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
@@ -212,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(c) for c in a.clients.split(",")]
     image_counts = [int(c) for c in a.image_clients.split(",") if c]
     tokenizer = Tokenizer.from_file(str(a.bundle / "tokenizer.json"))
-    prompts = [prompt_text(tokenizer, a.prompt_tokens, seed) for seed in range(2 * sum(counts) + 2 * sum(image_counts) + 2)]
+    n_prompts = a.rounds * (sum(counts) + sum(image_counts)) + 2  # no prompt twice: no prefix reuse
+    prompts = [prompt_text(tokenizer, a.prompt_tokens, seed) for seed in range(n_prompts)]
     image = "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
     context = a.prompt_tokens + a.max_tokens + 1024  # room for the image's tokens
     rows = []
@@ -220,10 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                    str(port := free_port()), "--parallel", str(a.parallel), "--threads", str(a.threads),
                    "--context", str(context), "--max-queue", "64"], port, f"minicpmo --parallel {a.parallel}")
     try:
-        half = len(prompts) // 2
-        rows += measure(ours, counts, prompts[:half], None, a.max_tokens)
+        rows += measure(ours, counts, prompts, None, a.max_tokens, a.rounds)
         if image_counts:
-            rows += measure(ours, image_counts, prompts[half:], image, a.max_tokens)
+            rows += measure(ours, image_counts, prompts[::-1], image, a.max_tokens, a.rounds)
     finally:
         ours.close()
     if a.gguf:
@@ -231,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                         str(port := free_port()), "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads),
                         "--n_ctx", str(context)], port, "llama-cpp-python server")
         try:
-            rows += measure(llama, counts, prompts, None, a.max_tokens)
+            rows += measure(llama, counts, prompts, None, a.max_tokens, a.rounds)
         finally:
             llama.close()
     isa = sorted(set(re.findall(r"avx512[a-z_]*|avx_vnni", Path("/proc/cpuinfo").read_text())))
