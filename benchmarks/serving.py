@@ -1,15 +1,21 @@
 """Concurrent streaming clients against `minicpmo serve --parallel` and llama-cpp-python's server.
 
     python -m benchmarks.serving BUNDLE [--gguf MODEL.gguf] [--clients 1,2,4,8] [--image-clients 1,4]
-                                 [--prompt-tokens 256] [--max-tokens 32] [--parallel 8] [--json]
+                                 [--prompt-tokens 256] [--max-tokens 48] [--parallel 8] [--rounds 2]
 
 Each server runs as a subprocess (2 threads). For each client count n, n real `openai` clients send
 one streaming greedy request each at the same moment; each prompt is ~`prompt-tokens` tokens of its
 own text (no shared prefix), optionally with cli/assets/demo.png (ours only: the GGUF has no vision
-projector). Per run: aggregate decode tok/s = every stream's tokens after its first / (last token of
-any stream - first token of any stream); TPOT = the gaps between a stream's consecutive tokens,
-p50/p95 over all streams; TTFT p50. llama-cpp-python's server decodes one request at a time (it has
-no n_parallel), the closest it comes to llama-server's --parallel.
+projector). Per run:
+- aggregate decode tok/s: the tokens streamed while all n streams were decoding at once (from the
+  last stream's first token to the first stream's last) over that window: batched decoding itself,
+  without the prompts' prefill (blank when the streams never all decoded at once);
+- output tok/s: every token over the whole run (prefill and queueing included);
+- TPOT: each stream's (last token - first token) / (tokens - 1), p50/p95 over the streams, and the
+  p95 of the gaps between consecutive tokens (where another prompt's prefill chunk shows);
+- TTFT p50.
+llama-cpp-python's server decodes one request at a time (it has no n_parallel), the closest it comes
+to llama-server's --parallel.
 """
 
 from __future__ import annotations
@@ -115,7 +121,7 @@ def stream_one(client, model: str, content, max_tokens: int, out: list, start: t
     stamps = []
     for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
                                                 max_tokens=max_tokens, temperature=0, stream=True):
-        if chunk.choices and chunk.choices[0].delta.content:
+        if chunk.choices and chunk.choices[0].delta.content:  # a token (or a few, held back as one text)
             stamps.append(time.perf_counter())
     out.append((t0, stamps))
 
@@ -140,28 +146,41 @@ def run_clients(server: Server, contents: list, max_tokens: int) -> dict:
 
 def summarize(results: list, foreign_cores: float) -> dict:
     streams = [(t0, s) for t0, s in results if len(s) >= 2]
+    start = min(t0 for t0, _ in results)
+    first, last = max(s[0] for _, s in streams), min(s[-1] for _, s in streams)
+    together = sum(sum(first < t <= last for t in s) for _, s in streams)
+    tpot = [(s[-1] - s[0]) / (len(s) - 1) for _, s in streams]
     gaps = [b - a for _, s in streams for a, b in zip(s, s[1:], strict=False)]
-    first, last = min(s[0] for _, s in streams), max(s[-1] for _, s in streams)
-    decoded = sum(len(s) - 1 for _, s in streams)
     return {"streams": len(results), "tokens": sum(len(s) for _, s in results),
-            "aggregate_decode_tok_s": round(decoded / (last - first), 2) if last > first else None,
-            "tpot_p50_ms": round(1000 * float(np.percentile(gaps, 50)), 1),
-            "tpot_p95_ms": round(1000 * float(np.percentile(gaps, 95)), 1),
+            "aggregate_decode_tok_s": round(together / (last - first), 2) if last > first and together else None,
+            "output_tok_s": round(sum(len(s) for _, s in results) / (max(s[-1] for _, s in streams) - start), 2),
+            "tpot_p50_ms": round(1000 * float(np.percentile(tpot, 50)), 1),
+            "tpot_p95_ms": round(1000 * float(np.percentile(tpot, 95)), 1),
+            "gap_p95_ms": round(1000 * float(np.percentile(gaps, 95)), 1),
             "ttft_p50_s": round(statistics.median(s[0] - t0 for t0, s in results if s), 2),
             "other_processes_cores": round(foreign_cores, 2)}
 
 
-def measure(server: Server, counts: list[int], prompts: list[str], image: str | None, max_tokens: int) -> list:
-    rows, k = [], 0
-    run_clients(server, [_content(prompts[-1], image)], 4)  # warm-up (first-run allocations)
-    for n in counts:
-        contents = [_content(prompts[k + i], image) for i in range(n)]
-        k += n
-        row = {"server": server.name, "image": image is not None, "clients": n,
-               **run_clients(server, contents, max_tokens)}
-        log.info("%s", row)
-        rows.append(row)
-    return rows
+def measure(server: Server, counts: list[int], prompts: list[str], image: str | None, max_tokens: int,
+            rounds: int) -> list:
+    """Each client count once per round, rounds in alternating order (a neighbour's load on a shared
+    machine spreads over all counts); per count, each figure's median over the rounds."""
+    runs: dict[int, list[dict]] = {n: [] for n in counts}
+    k = 0
+    run_clients(server, [_content(prompts[k], image)], 4)  # warm-up (first-run allocations)
+    for r in range(rounds):
+        for n in counts if r % 2 == 0 else counts[::-1]:
+            contents = [_content(prompts[(k + 1 + i) % len(prompts)], image) for i in range(n)]
+            k += n
+            runs[n].append(run_clients(server, contents, max_tokens))
+            log.info("%s, %d clients, image %s: %s", server.name, n, image is not None, runs[n][-1])
+    return [{"server": server.name, "image": image is not None, "clients": n, "rounds": len(rs),
+             **{key: _median([x[key] for x in rs]) for key in rs[0]}} for n, rs in runs.items()]
+
+
+def _median(values: list):
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 2) if known else None
 
 
 def _content(text: str, image: str | None):
@@ -171,12 +190,12 @@ def _content(text: str, image: str | None):
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| server | image | clients | aggregate decode tok/s | TPOT p50 ms | TPOT p95 ms | TTFT p50 s | "
-           "other load (cores) |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| server | image | clients | aggregate decode tok/s | output tok/s | TPOT p50 / p95 ms | "
+           "token gap p95 ms | TTFT p50 s | other load (cores) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['server']} | {'yes' if r['image'] else 'no'} | {r['clients']} | "
-                   f"{r['aggregate_decode_tok_s']} | {r['tpot_p50_ms']} | {r['tpot_p95_ms']} | {r['ttft_p50_s']} | "
-                   f"{r['other_processes_cores']} |")
+                   f"{r['aggregate_decode_tok_s'] or '-'} | {r['output_tok_s']} | {r['tpot_p50_ms']} / "
+                   f"{r['tpot_p95_ms']} | {r['gap_p95_ms']} | {r['ttft_p50_s']} | {r['other_processes_cores']} |")
     return "\n".join(out)
 
 
@@ -187,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,2,4,8")
     p.add_argument("--image-clients", default="1,4", help="client counts for the requests with an image ('' none)")
     p.add_argument("--prompt-tokens", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--parallel", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
@@ -202,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(c) for c in a.clients.split(",")]
     image_counts = [int(c) for c in a.image_clients.split(",") if c]
     tokenizer = Tokenizer.from_file(str(a.bundle / "tokenizer.json"))
-    prompts = [prompt_text(tokenizer, a.prompt_tokens, seed) for seed in range(2 * sum(counts) + 2 * sum(image_counts) + 2)]
+    n_prompts = a.rounds * (sum(counts) + sum(image_counts)) + 2  # no prompt twice: no prefix reuse
+    prompts = [prompt_text(tokenizer, a.prompt_tokens, seed) for seed in range(n_prompts)]
     image = "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
     context = a.prompt_tokens + a.max_tokens + 1024  # room for the image's tokens
     rows = []
@@ -210,10 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                    str(port := free_port()), "--parallel", str(a.parallel), "--threads", str(a.threads),
                    "--context", str(context), "--max-queue", "64"], port, f"minicpmo --parallel {a.parallel}")
     try:
-        half = len(prompts) // 2
-        rows += measure(ours, counts, prompts[:half], None, a.max_tokens)
+        rows += measure(ours, counts, prompts, None, a.max_tokens, a.rounds)
         if image_counts:
-            rows += measure(ours, image_counts, prompts[half:], image, a.max_tokens)
+            rows += measure(ours, image_counts, prompts[::-1], image, a.max_tokens, a.rounds)
     finally:
         ours.close()
     if a.gguf:
@@ -221,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                         str(port := free_port()), "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads),
                         "--n_ctx", str(context)], port, "llama-cpp-python server")
         try:
-            rows += measure(llama, counts, prompts, None, a.max_tokens)
+            rows += measure(llama, counts, prompts, None, a.max_tokens, a.rounds)
         finally:
             llama.close()
     isa = sorted(set(re.findall(r"avx512[a-z_]*|avx_vnni", Path("/proc/cpuinfo").read_text())))

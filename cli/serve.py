@@ -16,9 +16,10 @@ import click
 from ..runtime.errors import MiniCPMOError
 
 log = logging.getLogger("minicpmo.server")
-# Generations decoded together by default. On 2 cores (1.5B int4, docs/serving.md) 4 streams gave
-# about 3x one stream's aggregate tokens/s and 8 little more than 4, while each stream's time per
-# token grows with the batch: 4 is the knee.
+# Generations decoded together by default. Measured on 2 shared cores, 1.5B int4 (docs/serving.md,
+# `python -m benchmarks.batch_decode`): a step of 4 sequences gave 2.1x one sequence's tokens/s for
+# 1.9x its time per token, 8 gave 3.1x for 2.6x and twice the KV memory (4096-token slots: 0.9 GB at
+# 1.5B, 1.8 GB at 7B for 4). 4 keeps each stream's time per token under twice a lone stream's.
 DEFAULT_PARALLEL = 4
 
 
