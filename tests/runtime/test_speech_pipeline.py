@@ -92,3 +92,22 @@ def test_a_reference_clip_comes_first_as_upstream_puts_it(pipe):
     text = pipe.tokenizer.decode(pipe.last_prompt_ids)
     assert text.index("Clone the voice in the provided audio prompt.") < text.index("<|audio_start|>") \
         < text.index("As an assistant, you will speak using this voice style.") < text.index("Hello!")
+
+
+def test_the_bundles_speech_model_cuts_a_long_reply_and_says_so(fp32_bundle, caplog):
+    """The tiny bundle's own TTS graphs and ChatTTS tokenizer: a reply past the 300-token reserve
+    loses its end as upstream's prepare_tts_text cuts it, and a warning says so."""
+    import logging
+
+    from minicpmo.runtime.speech import SpeechParams, SpeechStats, speak
+
+    pipe = Pipeline.load(fp32_bundle, provider="cpu", context_length=256)
+    hidden = np.random.default_rng(0).standard_normal(pipe.manifest["decoder"]["hidden_size"]).astype(np.float32)
+    end_id = pipe.speech_info["text_eos_token_id"]
+    for text, cut in (("hello there " * 200, True), ("hello there", False)):
+        stats = SpeechStats()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="minicpmo.runtime.speech"):
+            audio = list(speak(pipe.tts, hidden, text, SpeechParams(seed=0, max_codes=30), stats, end_id))
+        assert stats.truncated_text is cut and ("speech text reserve" in caplog.text) is cut
+        assert sum(len(a) for a in audio) == stats.codes * 512 > 0
