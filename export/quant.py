@@ -3,11 +3,16 @@
 8-bit weights are packed by ONNX Runtime's own C++ routine (`quantize_matmul_8bits`, the one its
 MatMulNBitsQuantizer calls). 4-bit weights (and the 2-bit ones of the int2+int8 head's scan) are
 quantized here, in numpy, because ORT's routines for them are plain round-to-nearest over each block's
-full [min, max]: one outlier then coarsens the grid of the whole block. We try a few narrower ranges
-per block and keep the one with the smallest squared error (the search llama.cpp's k-quants and AWQ's
-clipping also make), which lowers the relative error by ~5% at the default block 128 for no runtime
-cost (~25% at 2 bits). Either way one weight is quantized at a time, so an 8B model never has to
-exist as an fp32 ONNX graph. Dequantization is written out in numpy for tests and error reports.
+full [min, max]. We try a few narrower ranges per block and refit each one's scale by weighted least
+squares, keeping the candidate with the smallest *weighted* squared error (llama.cpp's k-quant search).
+The weights matter: on trained weights (Qwen2.5-Coder-1.5B, benchmarks/RESULTS.md section 11) a search
+for the smallest plain squared error clips the large weights: at block 128 a layer's output error on real
+activations came out 7-28% above round-to-nearest's (benchmarks/layer_error.py). Weighting each
+weight's error by rms(block) + |w| (llama.cpp's rule for q4_K without an importance matrix) protects
+them, and the same search then lands 1-5% below round-to-nearest.
+With calibration activations (export/imatrix.py) the error is weighted by each input channel's mean
+square, as llama.cpp's imatrix does. Either way one weight is quantized at a time, so an 8B model never
+has to exist as an fp32 ONNX graph. Dequantization is written out in numpy for tests and error reports.
 """
 
 from __future__ import annotations
@@ -44,12 +49,13 @@ def quantize_weight(weight: np.ndarray, bits: int, block_size: int, rows_per_chu
                     importance: np.ndarray | None = None) -> QuantizedWeight:
     """Asymmetric block quantization of W[N, K] along K (with zero points).
 
-    2 and 4 bits: per block, the range among `clip_ratios` (default CLIP_RATIOS[bits]) x [min, max] with
-    the smallest squared error (`clip_ratios=(1.0,)` is plain round-to-nearest, ORT's default algorithm).
-    With `importance` [K] (the mean square of each input channel on calibration text, llama.cpp's
-    imatrix), the error is weighted by it, since y = x @ W.T errs by sum_k x_k * dW_k; and each range's
-    scale is then refitted by weighted least squares for the codes it gave (the zero point stays an
-    integer, as MatMulNBits stores it), keeping whichever of the two is better.
+    2 and 4 bits: per block, the range among `clip_ratios` (default CLIP_RATIOS[bits]) x [min, max], with
+    its scale as is or refitted by weighted least squares for the codes it gave (the zero point stays an
+    integer, as MatMulNBits stores it), whichever has the smallest weighted squared error. The weights:
+    with `importance` [K] (the mean square of each input channel on calibration text, llama.cpp's
+    imatrix), that channel's importance, since y = x @ W.T errs by sum_k x_k * dW_k; without, rms(block)
+    + |w| (see the module's docstring). `clip_ratios=(1.0,)` without importance is plain
+    round-to-nearest, ORT's default algorithm.
     8 bits: ORT's routine.
     Blocks run along K, so rows are independent and are quantized a chunk at a time (the 151700-row
     lm_head would need 2.2 GB at once).
@@ -110,11 +116,8 @@ def _quantize_low_bit_blocks(w: np.ndarray, bits: int, block_size: int, clip_rat
     if k != n_blocks * block_size:
         w = np.pad(w, ((0, 0), (0, n_blocks * block_size - k)))
     blocks = w.reshape(n, n_blocks, block_size)
-    imp = None
-    if importance is not None:
-        imp = np.zeros(n_blocks * block_size, dtype=np.float32)
-        imp[:k] = np.maximum(np.asarray(importance, dtype=np.float32).reshape(-1), 0)
-        imp = imp.reshape(1, n_blocks, block_size)
+    plain = importance is None and tuple(clip_ratios) == (1.0,)
+    imp = None if plain else _error_weights(blocks, importance, k)
     lo = np.minimum(blocks.min(axis=-1, keepdims=True), 0)  # 0 stays exactly representable
     hi = np.maximum(blocks.max(axis=-1, keepdims=True), 0)
     best: list | None = None
@@ -122,9 +125,7 @@ def _quantize_low_bit_blocks(w: np.ndarray, bits: int, block_size: int, clip_rat
         scale = (hi - lo) * np.float32(ratio / levels)
         scale[scale == 0] = 1.0  # an all-zero block: any scale, code = zero point
         zp = np.clip(np.round(-lo * np.float32(ratio) / scale), 0, top)
-        candidates = [scale]
-        if imp is not None:
-            candidates.append(_refit_scale(blocks, scale, zp, top, imp))
+        candidates = [scale] if plain else [scale, _refit_scale(blocks, scale, zp, top, imp)]
         for sc in candidates:
             err = _block_error(blocks, sc, zp, top, imp)
             if best is None:
@@ -141,6 +142,18 @@ def _quantize_low_bit_blocks(w: np.ndarray, bits: int, block_size: int, clip_rat
     if n_blocks % per:
         zps = np.pad(zps, ((0, 0), (0, per - n_blocks % per)))
     zero_points[...] = _pack(zps, bits)
+
+
+def _error_weights(blocks: np.ndarray, importance: np.ndarray | None, k: int) -> np.ndarray:
+    """Each weight's share of the error: importance [K] of its input channel as [1, n_blocks, block],
+    or, without one, rms(block) + |w| as [n, n_blocks, block]."""
+    n_blocks, block_size = blocks.shape[1:]
+    if importance is None:
+        rms = np.sqrt(np.mean(np.square(blocks), axis=-1, keepdims=True))
+        return rms + np.abs(blocks)
+    imp = np.zeros(n_blocks * block_size, dtype=np.float32)
+    imp[:k] = np.maximum(np.asarray(importance, dtype=np.float32).reshape(-1), 0)
+    return imp.reshape(1, n_blocks, block_size)
 
 
 def _block_error(blocks, scale, zp, top, imp) -> np.ndarray:
