@@ -11,11 +11,16 @@ precision, or `--bundle` names an exported bundle instead. Every run generates
 exactly `--codes` codes (the end code is blocked: random weights end at random), decoded in
 upstream's 25-code chunks with 4 codes of context. Figures:
 - rtf: compute seconds per second of audio (prefill, code steps, DVAE, Vocos); <= 1 is real time;
+  steady_rtf: the same for one 25-code chunk from the median stage times, without the one-off prefill
+  (what a long reply tends to); steady_rtf_fastest from each stage's fastest run (on a shared host,
+  near what an idle one gives);
 - first_audio_s: from the start (prefill included) until the first chunk is handed out, which
   upstream's streaming rule makes the moment the second chunk (50 codes) is decoded;
 - per stage: prefill of the 302-position condition, one code step (median), DVAE and Vocos per chunk;
 - rss: the process's resident memory after loading the speech model and its peak (the LLM is not
-  loaded: these are the audio path's own).
+  loaded: these are the audio path's own);
+- the CPU seconds the process used per audio second, and the cores other processes used meanwhile
+  (a shared host: wall-clock figures grow with them).
 The torch engine samples nothing (argmax over codes 0-624): the same work per step as sampling,
 which costs microseconds next to a step.
 """
@@ -84,8 +89,8 @@ def run_onnx(bundle: Path, codes: int, threads: int, repeats: int) -> dict:
     model = TTSModel.load(manifest, threads=threads)
     load_s, rss_loaded = time.perf_counter() - t0, current_rss_bytes()
     timer = Timer()
-    for name in ("prefill", "step", "codes_to_mel", "mel_to_audio"):
-        setattr(model, name, timer.wrap(name, getattr(model, name)))
+    for name in ("prefill", "prefill_text", "step", "codes_to_mel", "mel_to_audio"):
+        setattr(model, name, timer.wrap("prefill" if name == "prefill_text" else name, getattr(model, name)))
     info = manifest["speech"]
     hidden = np.random.default_rng(0).standard_normal(info["llm_dim"]).astype(np.float32)
     params = SpeechParams.from_manifest(info, seed=0, max_codes=codes, min_codes_per_chunk=info.get(
@@ -94,9 +99,11 @@ def run_onnx(bundle: Path, codes: int, threads: int, repeats: int) -> dict:
     for _ in range(repeats):
         timer.seconds.clear()
         stats = SpeechStats()
+        cpu0 = time.process_time()
         with ForeignLoad() as load:
             audio = sum(len(c) for c in speak(model, hidden, TEXT, params, stats))
-        runs.append(_run_figures(stats.seconds, audio / 24000, stats.first_audio_seconds, timer, load.cores))
+        runs.append(_run_figures(stats.seconds, audio / 24000, stats.first_audio_seconds, timer, load.cores,
+                                 time.process_time() - cpu0))
     return {"engine": f"onnxruntime {info['decoder']['precision']} TTS", "load_s": round(load_s, 2),
             "rss_before_mb": rss0 >> 20, "rss_loaded_mb": rss_loaded >> 20, "peak_rss_mb": peak_rss_bytes() >> 20,
             **_median_runs(runs)}
@@ -126,9 +133,10 @@ def run_torch(checkpoint: Path, codes: int, threads: int, repeats: int) -> dict:
     with torch.no_grad():
         for _ in range(repeats):
             timer = Timer()
+            cpu0 = time.process_time()
             with ForeignLoad() as load:
                 seconds, audio, first = _torch_speak(ref, w, vocos, cfg, hidden, ids, mask, codes, timer)
-            runs.append(_run_figures(seconds, audio / 24000, first, timer, load.cores))
+            runs.append(_run_figures(seconds, audio / 24000, first, timer, load.cores, time.process_time() - cpu0))
     return {"engine": f"torch {torch.__version__} (eager fp32)", "load_s": round(load_s, 2),
             "rss_before_mb": rss0 >> 20, "rss_loaded_mb": rss_loaded >> 20, "peak_rss_mb": peak_rss_bytes() >> 20,
             **_median_runs(runs)}
@@ -163,9 +171,15 @@ def _torch_speak(ref, w, vocos, cfg, hidden, ids, mask, n_codes, timer):
     return time.perf_counter() - t0, audio, first
 
 
-def _run_figures(seconds, audio_s, first, timer: Timer, foreign: float) -> dict:
+def _run_figures(seconds, audio_s, first, timer: Timer, foreign: float, cpu_s: float) -> dict:
     t = timer.seconds
+    step, dvae, vocos = (statistics.median(t[k]) for k in ("step", "codes_to_mel", "mel_to_audio"))
+    chunk_audio_s = CHUNK * audio_s / len(t["step"])  # one step per code
     return {"compute_s": seconds, "audio_s": audio_s, "rtf": seconds / audio_s, "first_audio_s": first,
+            "steady_rtf": (CHUNK * step + dvae + vocos) / chunk_audio_s, "cpu_s_per_audio_s": cpu_s / audio_s,
+            # the fastest of each stage: what an uncontended host gets, near enough, on a shared one
+            "steady_rtf_fastest": (CHUNK * min(t["step"]) + min(t["codes_to_mel"]) + min(t["mel_to_audio"]))
+            / chunk_audio_s, "step_ms_fastest": 1000 * min(t["step"]),
             "prefill_s": sum(t.get("prefill", [0])), "step_ms": 1000 * statistics.median(t["step"]),
             "dvae_ms_per_chunk": 1000 * statistics.median(t["codes_to_mel"]),
             "vocos_ms_per_chunk": 1000 * statistics.median(t["mel_to_audio"]), "foreign_cores": foreign}
@@ -178,10 +192,14 @@ def _median_runs(runs: list[dict]) -> dict:
 
 
 def markdown(results: list[dict], args) -> str:
-    rows = ["| engine | RTF | first audio s | prefill s | step ms | DVAE ms/chunk | Vocos ms/chunk | "
-            "RSS loaded MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| engine | RTF | steady RTF (median, fastest) | CPU s per audio s | other processes, cores | first audio s | prefill s | "
+            "step ms | DVAE ms/chunk | Vocos ms/chunk | RSS loaded MB | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        rows.append(f"| {r['engine']} | {r['rtf']:.3f} | {r['first_audio_s']:.2f} | {r['prefill_s']:.2f} | "
+        rows.append(f"| {r['engine']} | {r['rtf']:.3f} | {r['steady_rtf']:.3f}, {r['steady_rtf_fastest']:.3f} | "
+                    f"{r['cpu_s_per_audio_s']:.2f} | "
+                    f"{r['foreign_cores']:.1f} | "
+                    f"{r['first_audio_s']:.2f} | {r['prefill_s']:.2f} | "
                     f"{r['step_ms']:.1f} | {r['dvae_ms_per_chunk']:.1f} | {r['vocos_ms_per_chunk']:.1f} | "
                     f"{r['rss_loaded_mb'] - r['rss_before_mb']} | {r['peak_rss_mb']} |")
     return "\n".join(rows)

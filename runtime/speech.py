@@ -60,6 +60,9 @@ class SpeechParams:
     min_codes_per_chunk: int = 10
     max_codes: int = 2048
     context_codes: int = 4  # codes decoded again before each chunk, the cross-fade's span
+    # True: prefill the text condition in upstream's chunks (12, then 10 positions per run); False: in
+    # one run (see prefill_condition)
+    prefill_in_chunks: bool = False
     seed: int | None = None
 
     @classmethod
@@ -187,6 +190,22 @@ def sample_step(logits: np.ndarray, history: np.ndarray, params: SpeechParams, r
 
 # -- the loop ------------------------------------------------------------------------------------
 
+def prefill_condition(model: SpeechModel, ids: np.ndarray, spk_emb: np.ndarray, mask: np.ndarray,
+                      in_chunks: bool) -> None:
+    """Run the condition's first len(ids) - 1 positions into the model's cache.
+
+    Upstream prefills 12, then 10 text positions at a time because its streaming text may still be
+    arriving. Here the reply's text is whole, and a text position attends only to the text before it
+    (a causal mask, no audio), so one run over all of them fills the same cache, up to summation
+    order, reading the weights once instead of 30 times."""
+    if in_chunks or not hasattr(model, "prefill_text"):
+        model.prefill(ids, spk_emb, mask)
+        return
+    model.truncate(0)
+    model.set_text_mask(mask)
+    model.prefill_text(np.asarray(ids)[:-1], 0, spk_emb)
+
+
 def generate_codes(model: SpeechModel, hidden: np.ndarray, text: str, params: SpeechParams,
                    stats: SpeechStats, text_end_id: int | None = None) -> Iterator[np.ndarray]:
     """Yield the sampled codes in chunks of `chunk_codes` ([n, streams] int64; the last may be shorter).
@@ -198,7 +217,7 @@ def generate_codes(model: SpeechModel, hidden: np.ndarray, text: str, params: Sp
         stats.truncated_text = True
         log.warning("the reply is longer than the speech text reserve (%d condition positions): only its "
                     "start is spoken", len(ids))
-    model.prefill(ids, model.speaker_embedding(hidden), mask)
+    prefill_condition(model, ids, model.speaker_embedding(hidden), mask, params.prefill_in_chunks)
     history = np.zeros((0, len(params.temperatures)), dtype=np.int64)
     chunk: list[np.ndarray] = []
     previous = None

@@ -92,3 +92,48 @@ def test_a_reference_clip_comes_first_as_upstream_puts_it(pipe):
     text = pipe.tokenizer.decode(pipe.last_prompt_ids)
     assert text.index("Clone the voice in the provided audio prompt.") < text.index("<|audio_start|>") \
         < text.index("As an assistant, you will speak using this voice style.") < text.index("Hello!")
+
+
+def test_the_bundles_speech_model_cuts_a_long_reply_and_says_so(fp32_bundle, caplog):
+    """The tiny bundle's own TTS graphs and ChatTTS tokenizer: a reply past the 300-token reserve
+    loses its end as upstream's prepare_tts_text cuts it, and a warning says so."""
+    import logging
+
+    from minicpmo.runtime.speech import SpeechParams, SpeechStats, speak
+
+    pipe = Pipeline.load(fp32_bundle, provider="cpu", context_length=256)
+    hidden = np.random.default_rng(0).standard_normal(pipe.manifest["decoder"]["hidden_size"]).astype(np.float32)
+    end_id = pipe.speech_info["text_eos_token_id"]
+    for text, cut in (("hello there " * 200, True), ("hello there", False)):
+        stats = SpeechStats()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="minicpmo.runtime.speech"):
+            audio = list(speak(pipe.tts, hidden, text, SpeechParams(seed=0, max_codes=30), stats, end_id))
+        assert stats.truncated_text is cut and ("speech text reserve" in caplog.text) is cut
+        assert sum(len(a) for a in audio) == stats.codes * 512 > 0
+
+
+def test_one_prefill_run_fills_the_cache_upstreams_chunks_fill(tmp_path_factory, tiny_checkpoint):
+    """fp32 speech graphs: the condition prefilled in one run, then 6 steps, gives the logits that
+    upstream's 12-then-10-position chunks give (up to summation order)."""
+    from minicpmo.export.bundle import export_bundle
+    from minicpmo.export.options import ExportOptions
+    from minicpmo.runtime.manifest import load_manifest
+    from minicpmo.runtime.speech import prefill_condition
+    from minicpmo.runtime.tts_model import TTSModel
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-tts-fp32"
+    export_bundle(tiny_checkpoint, out, ExportOptions(precision="fp32", tts_precision="fp32", audio=False),
+                  progress=lambda *a: None)
+    tts = TTSModel.load(load_manifest(out))
+    ids, mask = tts.text_input("Hello there, how are you today? The weather is fine.")
+    spk = tts.speaker_embedding(np.random.default_rng(1).standard_normal(tts.cfg.llm_dim).astype(np.float32))
+    runs = []
+    for in_chunks in (True, False):
+        prefill_condition(tts, ids, spk, mask, in_chunks)
+        logits, codes = [], None
+        for _ in range(6):
+            logits.append(tts.step(codes).copy())
+            codes = logits[-1][:, :625].argmax(axis=1)
+        runs.append(np.stack(logits))
+    np.testing.assert_allclose(runs[1], runs[0], atol=1e-4, rtol=0)
