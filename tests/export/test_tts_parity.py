@@ -93,12 +93,14 @@ def test_fp32_greedy_code_streams_identical_for_100_steps(fp32_speech, reference
 
 
 def test_streamed_prefill_equals_one_call(fp32_speech, reference):
-    """prefill_text chunk by chunk with the mask set afterwards (as streaming text arrives) gives the
-    same logits as prefill."""
+    """prefill in one pass, in upstream's chunks of 10, and prefill_text chunk by chunk with the mask set
+    afterwards (as streaming text arrives) give the same logits."""
     ids, mask, hidden, _ = _condition(fp32_speech, reference)
     spk = fp32_speech.speaker_embedding(hidden)
     fp32_speech.prefill(ids, spk, mask)
     whole = fp32_speech.step(None)
+    fp32_speech.prefill(ids, spk, mask, chunk_size=10)
+    np.testing.assert_allclose(fp32_speech.step(None), whole, atol=1e-5)
     fp32_speech.truncate(0)
     for start in range(0, 302, 7):
         fp32_speech.prefill_text(ids[start:min(start + 7, 302)], start, spk)
@@ -131,6 +133,22 @@ def test_int8_decoder_error_is_reported_and_small(fp32_bundle, reference):
     a, b = got.reshape(STEPS * 4, -1), want.reshape(STEPS * 4, -1)
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() > 0.995, cosine.min()
+
+
+def test_int4_decoder_exports_and_keeps_the_logits_direction(tmp_path, tiny_checkpoint, reference):
+    """--tts-precision int4 (MatMulNBits 4-bit, ~10% per weight): its errors reported, logits cosine > 0.95."""
+    from minicpmo.export.bundle import export_bundle
+    from minicpmo.export.options import ExportOptions
+
+    out = export_bundle(tiny_checkpoint, tmp_path / "tts-int4", ExportOptions(precision="fp32", tts_precision="int4"),
+                        progress=lambda *a: None)
+    manifest = load_manifest(out)
+    q = manifest["speech"]["quantization"]
+    assert q["precision"] == "int4" and manifest["speech"]["decoder"]["precision"] == "int4"
+    assert 0.02 < q["relative_error_mean"] < 0.2
+    got, want = _teacher_forced(TTSModel.load(manifest), reference, seed=5)
+    a, b = got.reshape(STEPS * 4, -1), want.reshape(STEPS * 4, -1)
+    assert ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.95
 
 
 def test_text_input_reserves_300_and_truncates_as_upstream(fp32_speech):
