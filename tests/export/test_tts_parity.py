@@ -38,13 +38,18 @@ def reference(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def fp32_speech(tmp_path_factory, tiny_checkpoint):
+def fp32_speech_bundle(tmp_path_factory, tiny_checkpoint):
     from minicpmo.export.bundle import export_bundle
     from minicpmo.export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("speech") / "tts-fp32"
-    export_bundle(tiny_checkpoint, out, ExportOptions(precision="fp32", tts_precision="fp32"), progress=lambda *a: None)
-    return TTSModel.load(load_manifest(out))
+    return export_bundle(tiny_checkpoint, out, ExportOptions(precision="fp32", tts_precision="fp32"),
+                         progress=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def fp32_speech(fp32_speech_bundle):
+    return TTSModel.load(load_manifest(fp32_speech_bundle))
 
 
 def _condition(model, reference, seed=0):
@@ -106,6 +111,29 @@ def test_streamed_prefill_equals_one_call(fp32_speech, reference):
         fp32_speech.prefill_text(ids[start:min(start + 7, 302)], start, spk)
     fp32_speech.set_text_mask(mask)
     np.testing.assert_allclose(fp32_speech.step(None), whole, atol=1e-5)
+
+
+def test_the_cache_grows_without_changing_the_logits(fp32_speech_bundle, fp32_speech, reference, monkeypatch):
+    """Past its first FIRST_CODES frames the cache moves to bigger buffers: the same logits as one that
+    never moves; past max_codes a step is refused."""
+    import minicpmo.runtime.tts_model as tts_model
+
+    ids, mask, hidden, _ = _condition(fp32_speech, reference)
+    spk = fp32_speech.speaker_embedding(hidden)
+    monkeypatch.setattr(tts_model, "FIRST_CODES", 8)
+    small = TTSModel.load(load_manifest(fp32_speech_bundle), max_codes=40)
+    start = small.kv.capacity
+    for model in (small, fp32_speech):
+        model.prefill(ids, spk, mask)
+    codes, got, want = None, [], []
+    for _ in range(40):
+        got.append(small.step(codes))
+        want.append(fp32_speech.step(codes))
+        codes = want[-1].argmax(-1)
+    assert small.kv.capacity > start and small.position == 302 + 40
+    np.testing.assert_allclose(np.stack(got), np.stack(want), atol=1e-5)
+    with pytest.raises(InputError, match="TTS cache holds at most"):
+        small.step(codes)
 
 
 def test_dvae_and_vocos_match_the_reference(fp32_speech, reference):
