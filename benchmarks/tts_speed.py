@@ -4,12 +4,14 @@ on the same random weights, one process, 2 threads.
 
     python -m benchmarks.tts_speed [--work DIR] [--precisions int8,fp32] [--threads 2] [--steps 100]
 
-Prints JSON: per engine the condition prefill (302 positions), the median decode step, DVAE and
+Prints JSON: per engine (each measured on its own, one after the other) the condition prefill
+(302 positions), the median decode step, DVAE and
 Vocos for one upstream streaming chunk (25 code frames = 50 mel frames = 0.533 s of audio), the
 real-time factor of the model parts (compute seconds per second of audio: 46.875 code frames per
 second) and the time to the first chunk (prefill + 25 steps + DVAE + Vocos), plus the bundle's
-speech files and the process's RSS growth when loading them. Sampling and the speech loop are not
-included. Speed does not depend on the weights' values, only their shapes.
+speech files and the process's RSS growth when loading them; then one code step of every engine
+measured in turns (`interleaved_step_ms`, 15 rounds), the figure to compare on a shared host.
+Sampling and the speech loop are not included. Speed does not depend on the weights' values, only their shapes.
 """
 
 from __future__ import annotations
@@ -144,6 +146,38 @@ def measure_reference(threads: int, steps: int, rounds: int, work: Path) -> dict
     return _summary(prefill, statistics.median(step_s[1:]), dvae, voc)
 
 
+def interleaved_steps(manifests: dict, threads: int, rounds: int, work: Path) -> dict[str, float]:
+    """Median ms of one code step per engine, the engines stepping in turns (round-robin) so that load
+    from other processes hits them alike: the ratio to trust on a shared host."""
+    import torch
+
+    from minicpmo.export.reference import tts as R
+    from minicpmo.runtime.tts_model import TTSModel
+
+    torch.set_num_threads(threads)
+    models = {f"ours {p}": TTSModel.load(m, threads=threads) for p, m in manifests.items()}
+    ids, mask = next(iter(models.values())).text_input("the quick brown fox jumps over the lazy dog " * 5)
+    for m in models.values():
+        m.prefill(ids, m.speaker_embedding(np.ones(m.cfg.llm_dim, np.float32)), mask)
+        m.step(None)
+    src = _RealShapes(work)
+    w = {k: torch.from_numpy(src.read(k)) for k in src.keys() if k.startswith(("tts.model.layers", "tts.model.norm",
+                                                                                  "tts.head_code"))}
+    heads, dim = src.cfg.num_attention_heads, src.cfg.head_dim
+    cache = [(torch.zeros(1, heads, 303, dim), torch.zeros(1, heads, 303, dim)) for _ in range(src.cfg.num_hidden_layers)]
+    bias, x = R.generation_bias(src.cfg, 303, torch.from_numpy(mask)), torch.randn(1, 1, src.cfg.hidden_size)
+    engines = {name: (lambda m=m: m.step(np.zeros(4, np.int64))) for name, m in models.items()}
+    engines["PyTorch fp32 reference"] = lambda: R.tts_forward(w, src.cfg, x, cache, bias)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, fn in engines.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: round(statistics.median(t) * 1e3, 2) for name, t in times.items()}
+
+
 def _summary(prefill: float, step: float, dvae: float, vocos: float) -> dict:
     chunk_audio_s = CHUNK / CODE_FRAMES_PER_S
     rtf = step * CODE_FRAMES_PER_S + (dvae + vocos) / chunk_audio_s
@@ -163,12 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = {f"ours {prec}": measure_ours(build(args.work, prec), args.threads, args.steps, args.rounds)
-            for prec in args.precisions.split(",")}
+    manifests = {prec: build(args.work, prec) for prec in args.precisions.split(",")}
+    rows = {f"ours {prec}": measure_ours(m, args.threads, args.steps, args.rounds) for prec, m in manifests.items()}
     if not args.no_reference:
         # the reference is ~15x slower: fewer steps (the median of 20 is as stable) and one round
         rows["PyTorch fp32 reference"] = measure_reference(args.threads, min(args.steps, 20), 1, args.work)
-    json.dump({"threads": args.threads, "steps": args.steps, "rows": rows}, sys.stdout, indent=2)
+    steps = interleaved_steps(manifests, args.threads, 15, args.work) if not args.no_reference else None
+    json.dump({"threads": args.threads, "steps": args.steps, "rows": rows, "interleaved_step_ms": steps},
+              sys.stdout, indent=2)
     print()
     return 0
 
