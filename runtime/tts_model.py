@@ -8,7 +8,7 @@ streaming, overlap-add) calls them:
     model = TTSModel.load(manifest)
     spk = model.speaker_embedding(llm_hidden_at_spk)      # [3584] -> [768], L2-normalized
     ids, mask = model.text_input(reply_text)              # [303] ids, [303] visibility
-    model.prefill(ids, spk, mask)                         # condition -> KV cache (302 positions)
+    model.prefill(ids, spk, mask)                         # condition -> KV cache, chunks of 10
     logits = model.step(None)                             # first step: the audio bos
     logits = model.step(codes)                            # then the last step's 4 codes
     mel = model.codes_to_mel(all_codes)                   # [T, 4] -> [100, 2T]
@@ -166,14 +166,14 @@ class TTSModel:
         return seq, mask
 
     def prefill(self, text_ids: np.ndarray, spk_emb: np.ndarray, mask: np.ndarray | None = None, *,
-                chunk_size: int | None = None) -> None:
+                chunk_size: int | None = 10) -> None:
         """Start a new utterance: empty the cache, write `spk_emb` over the `[spk_emb]` row and run
-        the condition's first 302 positions into the cache. `mask` (default: every position not
-        [PAD]) decides which text positions the codes see.
+        the condition's first 302 positions into the cache in upstream's chunks (12, then
+        `chunk_size` = 10 at a time). `mask` (default: every position not [PAD]) decides which text
+        positions the codes see.
 
-        Upstream runs them in chunks (12, then 10 at a time: `chunk_size=10` does the same). Text
-        prefill is causal attention over the text alone, so one pass gives the same cache (to float
-        rounding) and is ~1.8x faster at the real shape (one 302-row GEMM per weight): the default."""
+        Text prefill is causal attention over the text alone, so `chunk_size=None` (one pass) gives the
+        same cache to float rounding, ~1.8x faster at the real shape (one 302-row GEMM per weight)."""
         ids = np.asarray(text_ids, np.int64)
         n = self.cfg.condition_length
         if ids.shape != (n,):

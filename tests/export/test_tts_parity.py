@@ -98,13 +98,13 @@ def test_fp32_greedy_code_streams_identical_for_100_steps(fp32_speech, reference
 
 
 def test_streamed_prefill_equals_one_call(fp32_speech, reference):
-    """prefill in one pass, in upstream's chunks of 10, and prefill_text chunk by chunk with the mask set
+    """prefill in upstream's chunks of 10, in one pass, and prefill_text chunk by chunk with the mask set
     afterwards (as streaming text arrives) give the same logits."""
     ids, mask, hidden, _ = _condition(fp32_speech, reference)
     spk = fp32_speech.speaker_embedding(hidden)
     fp32_speech.prefill(ids, spk, mask)
     whole = fp32_speech.step(None)
-    fp32_speech.prefill(ids, spk, mask, chunk_size=10)
+    fp32_speech.prefill(ids, spk, mask, chunk_size=None)
     np.testing.assert_allclose(fp32_speech.step(None), whole, atol=1e-5)
     fp32_speech.truncate(0)
     for start in range(0, 302, 7):
