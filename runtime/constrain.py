@@ -53,7 +53,9 @@ def schema_of(response_format: Mapping[str, Any] | None) -> dict | None:
     spec = response_format.get("json_schema")
     if not isinstance(spec, Mapping):
         raise _bad("response_format.json_schema must be an object with a \"schema\"", "response_format.json_schema")
-    schema = spec.get("schema", {})  # OpenAI: an absent schema allows any JSON
+    schema = spec.get("schema")
+    if schema is None:  # OpenAI: an absent schema allows any JSON
+        schema = {}
     if isinstance(schema, bool) or not isinstance(schema, Mapping):
         raise _bad("response_format.json_schema.schema must be a JSON Schema object",
                    "response_format.json_schema.schema")

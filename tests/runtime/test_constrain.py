@@ -122,6 +122,11 @@ def test_text_format_means_no_grammar():
     assert grammar_for(None) is None and grammar_for({"type": "text"}) is None
 
 
+def test_json_schema_without_a_schema_allows_any_json():
+    assert grammar_for({"type": "json_schema", "json_schema": {"name": "any", "schema": None}}) is not None
+    assert grammar_for({"type": "json_schema", "json_schema": {"name": "any"}}) is not None
+
+
 def test_lookup_with_a_schema_gives_the_same_valid_reply(pipe):
     """Drafts are verified, and cut where the grammar rejects them: in fp32 the reply is plain decoding's.
     (That drafts are fed, and only what the grammar allows, is tested below with a scripted chooser.)"""
