@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .sampler import make_sampler
 from .stopping import StopMatcher
 from .tokenizer import StreamingDetokenizer
 from .types import GenerationChunk, GenerationParams, Message
@@ -75,6 +74,7 @@ class _Reply:
     produced: int = 0
     first_token_at: float = 0.0
     order: int = 0  # admission order: the oldest prompt is prefilled first
+    token_logprobs: Callable | None = None  # Pipeline.token_logprobs of this reply's sampler
 
     @property
     def prefilling(self) -> bool:
@@ -88,11 +88,12 @@ class _Reply:
         if self.produced == 1:
             self.first_token_at = time.perf_counter()
         emit = self.request.emit
+        logprobs = self.token_logprobs() if self.token_logprobs else None
         if token in self.stop_ids:  # reported in token_ids (as in HF sequences), never as text
             emit(GenerationChunk(token_ids=[token]))
             return self._finish("stop", cut=False)
         text, stopped = self.stops.feed(self.detok.add(token))
-        emit(GenerationChunk(text=text, token_ids=[token]))
+        emit(GenerationChunk(text=text, token_ids=[token], logprobs=logprobs))
         if stopped:  # the text after a stop string is dropped, held-back text included
             return self._finish("stop", cut=True)
         if self.produced == self.max_tokens:
@@ -185,7 +186,7 @@ class Scheduler:
 
     def _place(self, request: BatchRequest) -> _Reply:
         p, params = self.pipeline, request.params
-        sampler, stops = make_sampler(params), StopMatcher(params.stop)
+        sampler, stops = p.sampler_for(params), StopMatcher(params.stop)
         ids, embeds, keys, usage, max_tokens = p._prepare(request.messages, params)
         caches = self.batch.caches.slots
         free = [i for i, r in enumerate(self.replies) if r is None]
@@ -198,7 +199,8 @@ class Scheduler:
         return _Reply(request, slot, ids, embeds, keys, usage, max_tokens,
                       p.stop_ids | set(params.stop_token_ids), sampler, stops,
                       StreamingDetokenizer(p.tokenizer, skip_special_ids=p.hidden_ids), reuse,
-                      history=[int(t) for t in ids], order=self._clock)
+                      history=[int(t) for t in ids], order=self._clock,
+                      token_logprobs=lambda: p.token_logprobs(sampler))
 
     def _prefill(self, reply: _Reply, chunk: int) -> None:
         t0 = time.perf_counter()

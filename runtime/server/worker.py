@@ -258,8 +258,22 @@ class BatchWorker(Worker):
                 return True
             if job is None:
                 return False
+            if job.speech is not None:
+                self._speak_alone(scheduler, job)
+                continue
             scheduler.submit(self._request(job))
             block = False
+
+    def _speak_alone(self, scheduler, job: Job) -> None:
+        """A spoken reply runs on its own, after the batch in flight has finished: the speech path
+        (runtime/speech.py) decodes one sequence, and its LLM part reads the final hidden state at
+        <|spk|>, which the batched decode step does not return. Queued requests wait for it."""
+        while scheduler.busy and not self._stopping.is_set():
+            self._step(scheduler)
+        self._execute(job)  # emits DONE
+        with self._lock:
+            self._running = 0
+            self._admitted -= 1
 
     def _request(self, job: Job):
         from ..scheduler import BatchRequest

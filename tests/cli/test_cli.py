@@ -100,7 +100,7 @@ def test_chat_commands(fp32_bundle, tmp_path):
     (["infer", "--model", "/no/such/bundle", "--prompt", "x", "--audio", "/no/such.wav"], "'/no/such.wav' does not exist"),
     (["infer", "--model", "/no/such/bundle", "--prompt", "x", "--video", "/no/such.mp4"], "'/no/such.mp4' does not exist"),
     (["infer", "--model", "/no/such/bundle", "--prompt", "x", "--frames", "/no/such/dir"], "'/no/such/dir' does not exist"),
-    (["infer", "--model", "/no/such/bundle"], "Missing option '--prompt'"),
+    (["infer", "--model", "/no/such/bundle"], "give the question with --prompt TEXT"),
     (["infer", "--model", "/no/such/bundle", "--prompt", "x", "--temperature", "hot"], "'hot' is not a valid float"),
     (["serve", "--model", "/no/such/bundle", "--max-image-bytes", "12Q"], "'12Q' is not a size"),
     (["serve", "--model", "/no/such/bundle"], "not a bundle folder"),
