@@ -88,3 +88,54 @@ def test_a_short_request_is_not_stuck_behind_a_long_one(served):
         assert long.result(timeout=300)[1] > 100, "the long reply stopped early: too short to test this"
     assert short[1] == 2 and finished_first  # one generation at a time would have made it wait
     assert short_seconds < 60  # generous on any host: two decode steps and a prefill
+
+
+def test_structured_output_and_logprobs_while_batched(served):
+    """A json_schema request decoding beside plain ones still validates, and logprobs come back per
+    token: the scheduler samples with the request's own constrained sampler."""
+    jsonschema = pytest.importorskip("jsonschema")
+    client, _ = served
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "rank": {"type": "integer"}},
+              "required": ["city", "rank"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}}
+    model = client.models.list().data[0].id
+
+    def structured():
+        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "A city?"}],
+                                              max_tokens=60, temperature=0, response_format=fmt, logprobs=True,
+                                              top_logprobs=2)
+
+    with ThreadPoolExecutor(3) as pool:
+        others = [pool.submit(ask, client, p, max_tokens=20, temperature=0) for p in PROMPTS[:2]]
+        reply = pool.submit(structured).result()
+        [f.result() for f in others]
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice
+    import json
+
+    jsonschema.validate(json.loads(choice.message.content), schema)
+    entries = choice.logprobs.content
+    assert entries and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+    assert "".join(e.token for e in entries) == choice.message.content
+
+
+def test_a_spoken_reply_runs_alone_beside_the_batch(served):
+    """Audio output on a batching server: the speech request waits for the batch in flight, then speaks."""
+    sf = pytest.importorskip("soundfile")
+    import base64
+    import io
+
+    client, state = served
+    if state.worker.pipeline.tts is None:
+        pytest.skip("the test bundle has no speech model")
+    state.worker.pipeline.speech_info = {**state.worker.pipeline.speech_info, "max_new_codes": 60}
+    model = client.models.list().data[0].id
+    with ThreadPoolExecutor(2) as pool:
+        other = pool.submit(ask, client, PROMPTS[0], max_tokens=12, temperature=0)
+        spoken = pool.submit(lambda: client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8, temperature=0,
+            modalities=["text", "audio"], audio={"voice": "default", "format": "wav"})).result()
+        assert other.result()[1] > 0
+    samples, rate = sf.read(io.BytesIO(base64.b64decode(spoken.choices[0].message.audio.data)), dtype="float32")
+    assert rate == 24000 and len(samples) > 0
