@@ -25,7 +25,7 @@ import numpy as np
 
 from .stopping import StopMatcher
 from .tokenizer import StreamingDetokenizer
-from .types import GenerationChunk, GenerationParams, Message
+from .types import GenerationChunk, GenerationParams, Message, Usage
 
 PREFILL_CHUNK = 64  # prompt positions per step while others decode: bounds how long they wait
 SOLO_PREFILL_CHUNK = 512  # ... and while nobody decodes (the single-sequence pipeline's chunk)
@@ -62,7 +62,7 @@ class _Reply:
     ids: np.ndarray
     embeds: np.ndarray
     keys: list
-    usage: object
+    usage: Usage
     max_tokens: int
     stop_ids: set[int]
     sampler: Callable

@@ -50,3 +50,60 @@ def test_serve_parallel_logs_the_kv_memory_of_its_slots(fp32_bundle):
         finally:
             proc.kill()
             proc.stderr.close()
+
+
+def _batch_one_copy(bundle, out):
+    """The bundle with its decoder's batch dimension fixed to 1, as bundles exported before it were."""
+    import shutil
+
+    import onnx
+
+    from minicpmo.runtime.manifest import sha256_file, write_manifest
+
+    shutil.copytree(bundle, out)
+    model = onnx.load(out / "decoder.onnx", load_external_data=False)
+    for v in (*model.graph.input, *model.graph.output):
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param == "batch_size":
+                d.Clear()
+                d.dim_value = 1
+    onnx.save(model, out / "decoder.onnx")
+    data = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    data.pop("digests", None)
+    f = out / "decoder.onnx"
+    data["files"]["decoder.onnx"].update(bytes=f.stat().st_size, sha256=sha256_file(f))
+    for v in data["decoder"]["inputs"] + data["decoder"]["outputs"]:
+        v["shape"] = [1 if s == "batch_size" else s for s in v["shape"]]
+    write_manifest(out, data)
+    return out
+
+
+def test_a_bundle_without_a_batch_dimension_serves_one_at_a_time_or_says_why(fp32_bundle, tmp_path):
+    import pytest
+
+    from minicpmo.runtime.errors import BundleError
+    from minicpmo.runtime.pipeline import Pipeline
+
+    old = _batch_one_copy(fp32_bundle, tmp_path / "old")
+    proc = minicpmo("serve", "--model", old, "--port", "0", "--parallel", "2", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: --parallel 2:") and "re-export" in proc.stderr
+    with pytest.raises(BundleError, match="one sequence at a time"):
+        Pipeline.load(old, parallel=2)
+    assert Pipeline.load(old).batch is None  # one at a time still works
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "minicpmo.cli.main", "serve", "--model", str(old), "--port", "0"],
+                              stderr=subprocess.PIPE, text=True, env=env)
+    try:  # without --parallel: the default falls back to one at a time, with a warning
+        lines = []
+        while not any("serving" in line and "http" in line for line in lines):
+            lines.append(server.stderr.readline())
+            assert lines[-1] or server.poll() is None, "".join(lines)
+        assert any("serving one request at a time" in line and "re-export" in line for line in lines)
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        finally:
+            server.kill()
+            server.stderr.close()
