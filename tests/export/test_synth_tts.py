@@ -132,3 +132,15 @@ def test_speech_export_needs_the_assets(tiny, tmp_path):
     with pytest.raises(ValueError, match="Vocos.pt.*--no-tts"):
         export_bundle(copy, tmp_path / "b", ExportOptions(precision="fp32", audio=False), progress=lambda *a: None)
     assert not (tmp_path / "b").exists()
+
+
+def test_export_cli_speech_flags(tiny, tmp_path):
+    runner = CliRunner()
+    quiet = runner.invoke(cli, ["export", str(tiny), "-o", str(tmp_path / "quiet"), "--precision", "fp32", "--no-tts"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "speech" not in json.loads((tmp_path / "quiet" / "manifest.json").read_text(encoding="utf-8"))
+    loud = runner.invoke(cli, ["export", str(tiny), "-o", str(tmp_path / "int4"), "--precision", "fp32",
+                               "--tts-precision", "int4"])
+    assert loud.exit_code == 0, loud.output
+    speech = json.loads((tmp_path / "int4" / "manifest.json").read_text(encoding="utf-8"))["speech"]
+    assert speech["decoder"]["precision"] == speech["quantization"]["precision"] == "int4"
