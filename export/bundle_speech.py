@@ -94,6 +94,7 @@ def write_speech(ckpt: Checkpoint, folder: Path, opts: ExportOptions, graph_io: 
     errors stay in it, apart from the LLM's)."""
     cfg = ckpt.tts_config()
     vocos_state, vocos_layers = read_vocos(ckpt)
+    tokenizer = _tokenizer(ckpt, folder)  # the speech inputs are checked before any graph is built
     dvae_layers = sum(1 for k in ckpt.keys() if k.startswith("tts.dvae.decoder.decoder_block.") and k.endswith(".coef"))
     lin = LinearSettings(opts.tts_precision, opts.block_size, opts.accuracy_level)
     errors: dict[str, float] = {}
@@ -106,17 +107,22 @@ def write_speech(ckpt: Checkpoint, folder: Path, opts: ExportOptions, graph_io: 
     progress("speech", 2, 3, "graphs")
     vocos = _save(folder, "vocos", lambda g: build_vocos_graph(g, vocos_state, vocos_layers, HOP))
     progress("speech", 3, 3, "graphs")
+    graphs = {"decoder": graph_io(dec), "dvae": graph_io(dvae), "vocos": graph_io(vocos)}
+    return _section(cfg, opts, graphs, errors, int(vocos_state["head.istft.window"].shape[0])) | {
+        "tables": _tables(ckpt, folder / "tts_tables.npz", cfg.num_vq), "tokenizer": tokenizer}
+
+
+def _section(cfg, opts: ExportOptions, graphs: dict, errors: dict[str, float], n_fft: int) -> dict:
+    """The manifest's "speech" fields (docs/speech.md), less the tables and the tokenizer."""
     return {
-        "decoder": {"file": "tts_decoder.onnx", **graph_io(dec),
+        "decoder": {"file": "tts_decoder.onnx", **graphs["decoder"],
                     "io": {k: getattr(TTS_IO, k) for k in TTS_IO.__dataclass_fields__},
                     "num_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
                     "head_dim": cfg.head_dim, "hidden_size": cfg.hidden_size,
                     "max_position_embeddings": cfg.max_position_embeddings, "precision": opts.tts_precision},
-        "tables": _tables(ckpt, folder / "tts_tables.npz", cfg.num_vq),
-        "dvae": {"file": "dvae_decoder.onnx", **graph_io(dvae), "input_name": DVAE_INPUT, "output_name": DVAE_OUTPUT},
-        "vocos": {"file": "vocos.onnx", **graph_io(vocos), "input_name": VOCOS_INPUT, "output_name": VOCOS_OUTPUT,
-                  "n_fft": int(vocos_state["head.istft.window"].shape[0])},
-        "tokenizer": _tokenizer(ckpt, folder),
+        "dvae": {"file": "dvae_decoder.onnx", **graphs["dvae"], "input_name": DVAE_INPUT, "output_name": DVAE_OUTPUT},
+        "vocos": {"file": "vocos.onnx", **graphs["vocos"], "input_name": VOCOS_INPUT, "output_name": VOCOS_OUTPUT,
+                  "n_fft": n_fft},
         "num_vq": cfg.num_vq, "num_audio_tokens": cfg.num_audio_tokens, "eos_code": cfg.num_audio_tokens - 1,
         "num_spk_embs": cfg.num_spk_embs, "spk_emb_token_id": cfg.spk_emb_token_id,
         "audio_bos_token_id": cfg.audio_bos_token_id, "text_eos_token_id": cfg.text_eos_token_id,

@@ -25,11 +25,55 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from .errors import BundleError, InputError
-from .kv_cache import KVCache
 from .manifest import Manifest
 from .sessions import create_session
 
 MASKED = np.finfo(np.float32).min  # what upstream's masks add (torch.finfo(dtype).min)
+FIRST_CODES = 256  # code frames the cache holds before it first grows (5.5 s of audio)
+
+
+class SpeechCache:
+    """The TTS decoder's KV cache: per layer a key and a value buffer [1, heads, capacity, head_dim],
+    bound as past and present (GroupQueryAttention writes new positions in place). It starts with room
+    for the condition and FIRST_CODES code frames and doubles, copying what it holds, up to `limit`:
+    at the real shape a position costs 120 KB, and upstream's 2,048-code limit would hold 289 MB for
+    every utterance, most of them a few seconds long."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, capacity: int, limit: int, names: dict[str, str]):
+        self.shape, self.limit, self.names, self.length = (layers, heads, head_dim), limit, names, 0
+        self._allocate(min(capacity, limit))
+
+    def _allocate(self, capacity: int) -> None:
+        layers, heads, head_dim = self.shape
+        self.capacity = capacity
+        # ortvalue_from_numpy wraps the arrays' memory (CPU): the arrays must outlive the OrtValues
+        self.arrays = [[np.zeros((1, heads, capacity, head_dim), np.float32) for _ in range(2)] for _ in range(layers)]
+        self.values = [[ort.OrtValue.ortvalue_from_numpy(a) for a in kv] for kv in self.arrays]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for kv in self.arrays for a in kv)
+
+    def reserve(self, total: int) -> bool:
+        """Make room for `total` positions; True when the buffers moved (they must be bound again)."""
+        if total <= self.capacity:
+            return False
+        if total > self.limit:
+            raise InputError(f"the TTS cache holds at most {self.limit} positions; this would need {total}")
+        old = self.arrays
+        self._allocate(min(self.limit, max(total, 2 * self.capacity)))
+        for kv_old, kv_new in zip(old, self.arrays, strict=True):
+            for a, b in zip(kv_old, kv_new, strict=True):
+                b[:, :, :self.length] = a[:, :, :self.length]
+        return True
+
+    def bind(self, io: ort.IOBinding) -> None:
+        n = self.names
+        for i, (k, v) in enumerate(self.values):
+            io.bind_ortvalue_input(n["past_key"].format(i=i), k)
+            io.bind_ortvalue_input(n["past_value"].format(i=i), v)
+            io.bind_ortvalue_output(n["present_key"].format(i=i), k)
+            io.bind_ortvalue_output(n["present_value"].format(i=i), v)
 
 
 @dataclass(frozen=True)
@@ -58,14 +102,13 @@ class TTSModel:
     """One speech model; one utterance at a time (it owns one KV cache)."""
 
     def __init__(self, cfg: SpeechConfig, sessions: dict[str, ort.InferenceSession], tables: dict[str, np.ndarray],
-                 tokenizer: Tokenizer, io_names: dict[str, str], cache_length: int, dims: tuple[int, int, int]):
+                 tokenizer: Tokenizer, io_names: dict[str, str], cache_limit: int, dims: tuple[int, int, int]):
         self.cfg, self.tokenizer, self.names = cfg, tokenizer, io_names
         self._decoder, self._dvae, self._vocos = sessions["decoder"], sessions["dvae"], sessions["vocos"]
         self.emb_text, self.emb_code = tables["emb_text"], tables["emb_code"]
         self._projector = [tables[f"projector.{n}"] for n in
                            ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")]
-        layers, heads, head_dim = dims
-        self.kv = KVCache(layers, heads, head_dim, cache_length, io_names=io_names)
+        self.kv = SpeechCache(*dims, cfg.condition_length + FIRST_CODES, cache_limit, io_names)
         self._io = self._decoder.io_binding()
         self.kv.bind(self._io)
         self.text_mask = np.ones(cfg.condition_length, np.int8)
@@ -73,7 +116,7 @@ class TTSModel:
     @classmethod
     def load(cls, manifest: Manifest, *, threads: int | None = None, max_codes: int | None = None) -> TTSModel:
         """Open the speech graphs and tables a manifest lists; BundleError when it has no speech.
-        max_codes: room in the cache for this many code frames (default: the manifest's max_new_codes)."""
+        max_codes: the most code frames the cache may grow to hold (default: the manifest's max_new_codes)."""
         speech = manifest.get("speech")
         if speech is None:
             raise BundleError(f"{manifest.folder}: the bundle has no speech model (exported with --no-tts, "
@@ -87,7 +130,8 @@ class TTSModel:
             tables = {k: npz[k] for k in npz.files}
         tokenizer = Tokenizer.from_file(str(manifest.path(speech["tokenizer"]["file"])))
         _check(manifest, sessions["decoder"], tables, cfg)
-        length = min(dec["max_position_embeddings"], cfg.condition_length + (max_codes or speech["max_new_codes"]) + 1)
+        # the condition's 302 positions, then one per code frame (the bos step yields the first)
+        length = min(dec["max_position_embeddings"], cfg.condition_length - 1 + (max_codes or speech["max_new_codes"]))
         return cls(cfg, sessions, tables, tokenizer, dict(dec["io"]), length,
                    (dec["num_layers"], dec["num_attention_heads"], dec["head_dim"]))
 
@@ -121,18 +165,25 @@ class TTSModel:
         mask[-1] = 1
         return seq, mask
 
-    def prefill(self, text_ids: np.ndarray, spk_emb: np.ndarray, mask: np.ndarray | None = None) -> None:
+    def prefill(self, text_ids: np.ndarray, spk_emb: np.ndarray, mask: np.ndarray | None = None, *,
+                chunk_size: int | None = 10) -> None:
         """Start a new utterance: empty the cache, write `spk_emb` over the `[spk_emb]` row and run
-        the condition's first 302 positions into the cache in upstream's chunks (12, then 10 at a
-        time). `mask` (default: every position not [PAD]) decides which text positions the codes see."""
+        the condition's first 302 positions into the cache in upstream's chunks (12, then
+        `chunk_size` = 10 at a time). `mask` (default: every position not [PAD]) decides which text
+        positions the codes see.
+
+        Text prefill is causal attention over the text alone, so `chunk_size=None` (one pass) gives the
+        same cache to float rounding, ~1.8x faster at the real shape (one 302-row GEMM per weight)."""
         ids = np.asarray(text_ids, np.int64)
         n = self.cfg.condition_length
         if ids.shape != (n,):
             raise InputError(f"TTS text ids must be [{n}] (text_input's), got {list(ids.shape)}")
-        self.kv.reset()
+        self.kv.length = 0
         self.set_text_mask(mask if mask is not None else (ids != self.cfg.special_ids["[PAD]"]).astype(np.int8))
-        lead = 1 + self.cfg.num_spk_embs
-        bounds = [0, *range(lead + self.cfg.text_chunk_size, n - 1, self.cfg.text_chunk_size), n - 1]
+        bounds = [0, n - 1]
+        if chunk_size:
+            lead = 1 + self.cfg.num_spk_embs
+            bounds = [0, *range(lead + chunk_size, n - 1, chunk_size), n - 1]
         for a, b in zip(bounds, bounds[1:], strict=False):
             self.prefill_text(ids[a:b], a, spk_emb if a == 0 else None)
 
@@ -151,7 +202,7 @@ class TTSModel:
             embeds[spk_rows] = np.asarray(spk_emb, np.float32)
         s, total = len(ids), start + len(ids)
         bias = np.triu(np.full((s, total), MASKED, np.float32), start + 1)  # causal
-        self._run(embeds, bias, [("text", int(i)) for i in ids])
+        self._run(embeds, bias)
 
     def set_text_mask(self, mask: np.ndarray) -> None:
         """Replace the text visibility mask ([303], as `text_input` returns) for the next steps."""
@@ -167,13 +218,13 @@ class TTSModel:
         mask is upstream's `make_streaming_chunk_mask_generation`. Returns raw logits [num_vq, 626]
         float32 (before temperature; code 625 is the end)."""
         if codes is None:
-            embeds, key = self.emb_text[[self.cfg.audio_bos_token_id]], ("bos",)
+            embeds = self.emb_text[[self.cfg.audio_bos_token_id]]
         else:
             c = np.asarray(codes, np.int64).reshape(-1)
             if c.shape != (self.cfg.num_vq,) or c.min() < 0 or c.max() >= self.cfg.num_audio_tokens:
                 raise InputError(f"codes must be {self.cfg.num_vq} ints in [0, {self.cfg.num_audio_tokens})")
-            embeds, key = self.emb_code[np.arange(self.cfg.num_vq), c].sum(0, keepdims=True), tuple(c.tolist())
-        return self._run(embeds, self.generation_bias(self.position)[None], [key])[0]
+            embeds = self.emb_code[np.arange(self.cfg.num_vq), c].sum(0, keepdims=True)
+        return self._run(embeds, self.generation_bias(self.position)[None])[0]
 
     def generation_bias(self, past: int) -> np.ndarray:
         """Upstream make_streaming_chunk_mask_generation for the position after `past` cached ones:
@@ -195,13 +246,13 @@ class TTSModel:
 
     def truncate(self, length: int) -> None:
         """Forget cache positions >= length (to regenerate the last steps)."""
-        self.kv.truncate(length)
+        self.kv.length = min(self.kv.length, max(0, length))
 
-    def _run(self, embeds: np.ndarray, bias: np.ndarray, keys: list) -> np.ndarray:
-        """Run the decoder over len(keys) new positions; their logits [S, num_vq, 626]."""
+    def _run(self, embeds: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """Run the decoder over the S new positions of `embeds`; their logits [S, num_vq, 626]."""
         s, total = embeds.shape[0], self.position + embeds.shape[0]
-        if total > self.kv.max_length:
-            raise InputError(f"the TTS cache holds {self.kv.max_length} positions; this would need {total}")
+        if self.kv.reserve(total):
+            self.kv.bind(self._io)
         io, n = self._io, self.names
         io.bind_cpu_input(n["inputs_embeds"], np.ascontiguousarray(embeds[None], np.float32))
         io.bind_cpu_input(n["attention_bias"], np.ascontiguousarray(bias[None, None], np.float32))
@@ -211,7 +262,7 @@ class TTSModel:
                                                            np.float32)
         io.bind_ortvalue_output(n["logits"], logits)
         self._decoder.run_with_iobinding(io)
-        self.kv.append(keys)
+        self.kv.length = total
         return logits.numpy()[0]
 
     # ------------------------------------------------------------ audio

@@ -3,6 +3,7 @@ torch's zip format (read and written without torch, checked against torch itself
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 
@@ -109,3 +110,37 @@ def test_no_tts_leaves_the_speech_parts_out(tmp_path):
     ckpt.validate(("vision", "resampler", "decoder", "audio"))
     with pytest.raises(CheckpointError, match="missing tensor 'tts"):
         ckpt.validate(ALL_PARTS)
+    from minicpmo.export.bundle import export_bundle
+    from minicpmo.export.options import ExportOptions
+
+    bundle = export_bundle(out, tmp_path / "bundle", ExportOptions(precision="fp32", audio=False),
+                           progress=lambda *a: None)
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    assert "speech" not in manifest and not list(bundle.glob("tts_*")) and not (bundle / "vocos.onnx").exists()
+
+
+def test_speech_export_needs_the_assets(tiny, tmp_path):
+    """A checkpoint with tts.* but no assets/Vocos.pt: one error naming the file and --no-tts."""
+    import shutil
+
+    from minicpmo.export.bundle import export_bundle
+    from minicpmo.export.options import ExportOptions
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny, copy)
+    (copy / VOCOS_FILE).unlink()
+    with pytest.raises(ValueError, match="Vocos.pt.*--no-tts"):
+        export_bundle(copy, tmp_path / "b", ExportOptions(precision="fp32", audio=False), progress=lambda *a: None)
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_cli_speech_flags(tiny, tmp_path):
+    runner = CliRunner()
+    quiet = runner.invoke(cli, ["export", str(tiny), "-o", str(tmp_path / "quiet"), "--precision", "fp32", "--no-tts"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "speech" not in json.loads((tmp_path / "quiet" / "manifest.json").read_text(encoding="utf-8"))
+    loud = runner.invoke(cli, ["export", str(tiny), "-o", str(tmp_path / "int4"), "--precision", "fp32",
+                               "--tts-precision", "int4"])
+    assert loud.exit_code == 0, loud.output
+    speech = json.loads((tmp_path / "int4" / "manifest.json").read_text(encoding="utf-8"))["speech"]
+    assert speech["decoder"]["precision"] == speech["quantization"]["precision"] == "int4"

@@ -38,13 +38,18 @@ def reference(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def fp32_speech(tmp_path_factory, tiny_checkpoint):
+def fp32_speech_bundle(tmp_path_factory, tiny_checkpoint):
     from minicpmo.export.bundle import export_bundle
     from minicpmo.export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("speech") / "tts-fp32"
-    export_bundle(tiny_checkpoint, out, ExportOptions(precision="fp32", tts_precision="fp32"), progress=lambda *a: None)
-    return TTSModel.load(load_manifest(out))
+    return export_bundle(tiny_checkpoint, out, ExportOptions(precision="fp32", tts_precision="fp32"),
+                         progress=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def fp32_speech(fp32_speech_bundle):
+    return TTSModel.load(load_manifest(fp32_speech_bundle))
 
 
 def _condition(model, reference, seed=0):
@@ -93,17 +98,42 @@ def test_fp32_greedy_code_streams_identical_for_100_steps(fp32_speech, reference
 
 
 def test_streamed_prefill_equals_one_call(fp32_speech, reference):
-    """prefill_text chunk by chunk with the mask set afterwards (as streaming text arrives) gives the
-    same logits as prefill."""
+    """prefill in upstream's chunks of 10, in one pass, and prefill_text chunk by chunk with the mask set
+    afterwards (as streaming text arrives) give the same logits."""
     ids, mask, hidden, _ = _condition(fp32_speech, reference)
     spk = fp32_speech.speaker_embedding(hidden)
     fp32_speech.prefill(ids, spk, mask)
     whole = fp32_speech.step(None)
+    fp32_speech.prefill(ids, spk, mask, chunk_size=None)
+    np.testing.assert_allclose(fp32_speech.step(None), whole, atol=1e-5)
     fp32_speech.truncate(0)
     for start in range(0, 302, 7):
         fp32_speech.prefill_text(ids[start:min(start + 7, 302)], start, spk)
     fp32_speech.set_text_mask(mask)
     np.testing.assert_allclose(fp32_speech.step(None), whole, atol=1e-5)
+
+
+def test_the_cache_grows_without_changing_the_logits(fp32_speech_bundle, fp32_speech, reference, monkeypatch):
+    """Past its first FIRST_CODES frames the cache moves to bigger buffers: the same logits as one that
+    never moves; past max_codes a step is refused."""
+    import minicpmo.runtime.tts_model as tts_model
+
+    ids, mask, hidden, _ = _condition(fp32_speech, reference)
+    spk = fp32_speech.speaker_embedding(hidden)
+    monkeypatch.setattr(tts_model, "FIRST_CODES", 8)
+    small = TTSModel.load(load_manifest(fp32_speech_bundle), max_codes=40)
+    start = small.kv.capacity
+    for model in (small, fp32_speech):
+        model.prefill(ids, spk, mask)
+    codes, got, want = None, [], []
+    for _ in range(40):
+        got.append(small.step(codes))
+        want.append(fp32_speech.step(codes))
+        codes = want[-1].argmax(-1)
+    assert small.kv.capacity > start and small.position == 302 + 40
+    np.testing.assert_allclose(np.stack(got), np.stack(want), atol=1e-5)
+    with pytest.raises(InputError, match="TTS cache holds at most"):
+        small.step(codes)
 
 
 def test_dvae_and_vocos_match_the_reference(fp32_speech, reference):
@@ -131,6 +161,22 @@ def test_int8_decoder_error_is_reported_and_small(fp32_bundle, reference):
     a, b = got.reshape(STEPS * 4, -1), want.reshape(STEPS * 4, -1)
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() > 0.995, cosine.min()
+
+
+def test_int4_decoder_exports_and_keeps_the_logits_direction(tmp_path, tiny_checkpoint, reference):
+    """--tts-precision int4 (MatMulNBits 4-bit, ~10% per weight): its errors reported, logits cosine > 0.95."""
+    from minicpmo.export.bundle import export_bundle
+    from minicpmo.export.options import ExportOptions
+
+    out = export_bundle(tiny_checkpoint, tmp_path / "tts-int4", ExportOptions(precision="fp32", tts_precision="int4"),
+                        progress=lambda *a: None)
+    manifest = load_manifest(out)
+    q = manifest["speech"]["quantization"]
+    assert q["precision"] == "int4" and manifest["speech"]["decoder"]["precision"] == "int4"
+    assert 0.02 < q["relative_error_mean"] < 0.2
+    got, want = _teacher_forced(TTSModel.load(manifest), reference, seed=5)
+    a, b = got.reshape(STEPS * 4, -1), want.reshape(STEPS * 4, -1)
+    assert ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.95
 
 
 def test_text_input_reserves_300_and_truncates_as_upstream(fp32_speech):
