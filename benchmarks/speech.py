@@ -14,8 +14,8 @@ upstream's 25-code chunks with 4 codes of context. Figures:
   steady_rtf: the same for one 25-code chunk from the median stage times, without the one-off prefill
   (what a long reply tends to); steady_rtf_fastest from each stage's fastest run (on a shared host,
   near what an idle one gives);
-- first_audio_s: from the start (prefill included) until the first chunk is handed out, which
-  upstream's streaming rule makes the moment the second chunk (50 codes) is decoded;
+- first_audio_s: from the start (prefill included) until the first chunk is handed out: once the
+  first 25 codes are decoded (all but their last 4 codes' samples, which wait for the cross-fade);
 - per stage: prefill of the 302-position condition, one code step (median), DVAE and Vocos per chunk;
 - rss: the process's resident memory after loading the speech model and its peak (the LLM is not
   loaded: these are the audio path's own);

@@ -105,7 +105,7 @@ def run_infer(*, model, provider, threads, context_length, media: MediaArgs, pro
         check_output(speak)
         speech = speech_request(voice, sampling.get("seed"))
     pipe = Pipeline.load(model, provider=provider, threads=threads, context_length=context_length,
-                         cuda_graph=cuda_graph, speech=speak is not None)
+                         cuda_graph=cuda_graph, speech=speak is not None)  # speech: load it now, or never
     messages = conversations[0]
     params = GenerationParams(**sampling)
     text, ids, last, audio = [], [], None, []

@@ -44,7 +44,7 @@ def run_serve(model: Path, *, runtime: dict, served_names: tuple[str, ...], cors
     if not config.api_key and not is_loopback(config.host):
         click.echo(f"warning: serving on {config.host} without an API key: anyone who can reach this address "
                    "can use the model (set --api-key or MINICPMO_API_KEY)", err=True)
-    run_server(lambda: Pipeline.load(model, **runtime), config)
+    run_server(lambda: Pipeline.load(model, speech=True, **runtime), config)  # speech: loaded before the first request
 
 
 def _parallel(model: Path, manifest, parallel: int | None, provider: str) -> int:

@@ -51,8 +51,10 @@ class Pipeline:
 
     def __init__(self, manifest: Manifest, provider: str = "auto", threads: int | None = None,
                  context_length: int | None = None, image_cache_bytes: int = 256 * 1024 * 1024,
-                 cuda_graph: bool = True, speech: bool = True, parallel: int = 1):
-        """parallel: KV slots of `context_length` each for decoding that many sequences together
+                 cuda_graph: bool = True, speech: bool | None = None, parallel: int = 1):
+        """speech: load the bundle's speech model now (True), on the first spoken reply (None), or
+        never (False: `generate(speech=...)` then says the model cannot speak).
+        parallel: KV slots of `context_length` each for decoding that many sequences together
         (`generate_batch`, the server's --parallel); slot 0 is also the one `generate` uses."""
         t0 = time.perf_counter()
         self.manifest = manifest
@@ -101,16 +103,27 @@ class Pipeline:
             audio = create_session(manifest.path(aud["file"]), self.provider, threads, memory_arena=False)
             check_encoder(manifest, "audio", audio)
             self.audio = AudioEncoder(audio, chunk_frames=aud["chunk_frames"], pool_step=aud["pool_step"])
-        self.tts = None  # the speech model (runtime/tts_model.py), when the bundle has one
-        self.speech_info = speech_info = manifest.get("speech") or {}
-        self.voices = Voices(manifest.folder, speech_info.get("voices", {}))
-        if speech and speech_info:
-            from .tts_model import TTSModel
-
-            self.tts = TTSModel.load(manifest, threads=threads)
+        self.speech_info = manifest.get("speech") or {}
+        self.voices = Voices(manifest.folder, self.speech_info.get("voices", {}))
+        self._tts, self._speech_allowed, self._threads = None, speech is not False, threads
+        if speech:
+            _ = self.tts
         self.last_prompt_ids: list[int] = []
         self._grammar_vocab: GrammarVocabulary | None = None  # built on the first structured request
         self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def tts(self):
+        """The bundle's speech model (runtime/tts_model.py), loaded on first use; None without one."""
+        if self._tts is None and self._speech_allowed and self.speech_info:
+            from .tts_model import TTSModel
+
+            self._tts = TTSModel.load(self.manifest, threads=self._threads)
+        return self._tts
+
+    @tts.setter
+    def tts(self, model) -> None:  # a stand-in model, or None for "cannot speak"
+        self._tts, self._speech_allowed = model, model is not None
 
     @classmethod
     def load(cls, bundle: str | Path, **kw) -> Pipeline:

@@ -12,9 +12,10 @@ Upstream's path (modeling_minicpmo.py: `_generate_mel_spec`, `ConditionalChatTTS
     every 25 codes: those codes (and the 4 before them, for context) -> DVAE mel -> Vocos audio,
         cross-faded (triangular weights) into the previous chunk over the 4 shared codes' samples
 
-Streaming follows upstream: a chunk's audio is handed out once the next chunk has been cross-faded
-into it, so the first audio arrives after two chunks (50 codes, ~1.1 s of speech), long before a
-long reply's last code. The model is any object with TTSModel's methods (runtime/tts_model.py).
+Streaming: each chunk's audio is handed out as soon as it is decoded, but for its last 4 codes'
+samples, which wait for the next chunk's cross-fade; so the first audio arrives after one chunk
+(25 codes, ~0.45 s of speech), long before a long reply's last code, and the samples are upstream's.
+The model is any object with TTSModel's methods (runtime/tts_model.py).
 """
 
 from __future__ import annotations
@@ -240,12 +241,15 @@ def generate_codes(model: SpeechModel, hidden: np.ndarray, text: str, params: Sp
         yield np.stack(chunk)
 
 
-def overlap_add(previous: np.ndarray, new: np.ndarray, overlap: int) -> tuple[np.ndarray, np.ndarray]:
+def overlap_add(previous: np.ndarray, new: np.ndarray, overlap: int,
+                span: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Upstream's `_linear_overlap_add2_wav`: cross-fade `new` into the last `overlap` samples of
-    `previous` with triangular weights; returns (the finished part, the rest still to be faded)."""
+    `previous` with triangular weights; returns (`previous` faded, the rest of `new`). The weights'
+    slope depends on max(len(previous), len(new)) upstream; `span` gives that length when `previous`
+    is only the tail of upstream's (the samples before the tail keep their values either way)."""
     n0, n1 = len(previous), len(new)
     total = n0 + n1 - overlap
-    t = np.linspace(0.0, 1.0, max(n0, n1) + overlap + 2, dtype=np.float64)[1:-1]
+    t = np.linspace(0.0, 1.0, (span or max(n0, n1)) + overlap + 2, dtype=np.float64)[1:-1]
     weight = 0.5 - np.abs(t - 0.5)
     out, norm = np.zeros(total), np.zeros(total)
     out[:n0] += weight[-n0:] * previous
@@ -259,34 +263,41 @@ def overlap_add(previous: np.ndarray, new: np.ndarray, overlap: int) -> tuple[np
 
 def speak(model: SpeechModel, hidden: np.ndarray, text: str, params: SpeechParams,
           stats: SpeechStats | None = None, text_end_id: int | None = None) -> Iterator[np.ndarray]:
-    """Yield 24 kHz float32 audio chunks for one reply (see the module docstring)."""
+    """Yield 24 kHz float32 audio chunks for one reply (see the module docstring).
+
+    Upstream holds a whole chunk until the next one is cross-faded into it; only its last
+    `context_codes` codes' samples change in that fade, so those alone are held here and the rest is
+    handed out at once: the same samples, the first of them after one chunk instead of two."""
     stats = stats if stats is not None else SpeechStats()
-    t0 = time.perf_counter()
+    t0 = start = time.perf_counter()
     busy = 0.0  # compute time, excluding the time the consumer holds each chunk
-    start = time.perf_counter()
     decoded = np.zeros((0, len(params.temperatures)), dtype=np.int64)
-    pending = None  # the last chunk's audio, waiting for the next chunk's cross-fade
-
-    def hand_out(wav: np.ndarray):
-        stats.chunks.append(len(wav))
-        if stats.first_audio_seconds is None:
-            stats.first_audio_seconds = time.perf_counter() - t0
-        return wav
-
+    held, upstream_len = None, 0  # the tail still to be faded; the length of upstream's held chunk
     for codes in generate_codes(model, hidden, text, params, stats, text_end_id):
         context = min(params.context_codes, len(decoded))
         decoded = np.concatenate([decoded, codes])
         wav = np.asarray(model.mel_to_audio(model.codes_to_mel(decoded[len(decoded) - len(codes) - context:])),
                          dtype=np.float32).reshape(-1)
-        overlap = context * len(wav) // (len(codes) + context)
-        if pending is None:
-            pending = wav
-            continue
-        ready, pending = overlap_add(pending, wav, overlap)
+        per_code = len(wav) // (len(codes) + context)
+        if held is None:
+            ready, upstream_len = wav, len(wav)
+        else:
+            faded, rest = overlap_add(held, wav, context * per_code, span=max(upstream_len, len(wav)))
+            ready, upstream_len = np.concatenate([faded, rest]), len(rest)
+        keep = min(params.context_codes * per_code, len(ready))
+        ready, held = ready[:len(ready) - keep], ready[len(ready) - keep:]
         busy += time.perf_counter() - start
-        yield hand_out(ready)
+        if len(ready):
+            yield _hand_out(ready, stats, t0)
         start = time.perf_counter()
     busy += time.perf_counter() - start
     stats.seconds = busy
-    if pending is not None:
-        yield hand_out(pending)
+    if held is not None and len(held):
+        yield _hand_out(held, stats, t0)
+
+
+def _hand_out(wav: np.ndarray, stats: SpeechStats, t0: float) -> np.ndarray:
+    stats.chunks.append(len(wav))
+    if stats.first_audio_seconds is None:
+        stats.first_audio_seconds = time.perf_counter() - t0
+    return wav

@@ -51,14 +51,16 @@ def _codes(model):
     return list(generate_codes(model, HIDDEN, "Hello there.", SpeechParams(seed=0), SpeechStats()))
 
 
-def test_first_audio_comes_after_two_chunks_not_at_the_end():
+def test_first_audio_comes_after_one_chunk_not_at_the_end():
     model = FakeSpeechModel(end_after=310)
-    steps_at_chunk = []
-    for _ in speak(model, HIDDEN, "Hi.", SpeechParams(seed=1)):
+    steps_at_chunk, sizes = [], []
+    for wav in speak(model, HIDDEN, "Hi.", SpeechParams(seed=1)):
         steps_at_chunk.append(model.steps)
-    assert steps_at_chunk[0] == 50  # upstream hands a chunk out once the next one is cross-faded in
+        sizes.append(len(wav))
+    assert steps_at_chunk[0] == 25  # all of the first chunk but the 4 codes the next one fades into
+    assert sizes[0] == 21 * 512 and sizes[1] == 25 * 512
     assert steps_at_chunk[0] < steps_at_chunk[-1]
-    assert len(steps_at_chunk) == 13  # 310 codes: 12 chunks of 25 and one of 10
+    assert len(steps_at_chunk) == 14  # 310 codes: 12 chunks of 25, one of 10, then the held tail
 
 
 def test_end_code_is_blocked_in_the_first_ten_steps_of_every_chunk():
@@ -156,6 +158,34 @@ def test_sampling_keeps_to_the_filtered_codes():
                       for _ in range(300)])
     assert len(set(first[:, 1])) > 5  # the first step is unfiltered (temperature only)
     assert (first != 625).all()
+
+
+def test_handing_out_early_gives_upstreams_samples():
+    """speak() hands out each chunk but its faded tail; joined, that is upstream's stream: whole
+    chunks, each cross-faded with the next (here on a decoder whose chunks differ at the seams)."""
+    model = FakeSpeechModel(end_after=90)
+    model.mel_to_audio = lambda mel, n=[0]: (n.__setitem__(0, n[0] + 1) or
+                                             np.repeat(mel[0], 256) + 0.01 * n[0]).astype(np.float32)
+    ours = np.concatenate(list(speak(model, HIDDEN, "Hey.", SpeechParams(seed=2))))
+    codes = np.concatenate(_codes_for(FakeSpeechModel(end_after=90), "Hey.", seed=2))
+    ref, prev, calls = [], None, 0
+    for i in range(0, len(codes), 25):
+        ctx = min(4, i)
+        calls += 1
+        wav = (np.repeat(FakeSpeechModel().codes_to_mel(codes[i - ctx:i + 25])[0], 256) + 0.01 * calls)
+        if prev is None:
+            prev = wav
+            continue
+        out, prev = overlap_add(prev, wav, ctx * 512)
+        ref.append(out)
+    ref.append(prev)
+    np.testing.assert_allclose(ours, np.concatenate(ref), rtol=0, atol=1e-6)
+
+
+def _codes_for(model, text, seed):
+    from minicpmo.runtime.speech import generate_codes
+
+    return list(generate_codes(model, HIDDEN, text, SpeechParams(seed=seed), SpeechStats()))
 
 
 def test_overlap_add_matches_upstream():

@@ -102,6 +102,7 @@ def test_the_bundles_speech_model_cuts_a_long_reply_and_says_so(fp32_bundle, cap
     from minicpmo.runtime.speech import SpeechParams, SpeechStats, speak
 
     pipe = Pipeline.load(fp32_bundle, provider="cpu", context_length=256)
+    assert pipe._tts is None  # a pipeline that never speaks never loads the speech graphs
     hidden = np.random.default_rng(0).standard_normal(pipe.manifest["decoder"]["hidden_size"]).astype(np.float32)
     end_id = pipe.speech_info["text_eos_token_id"]
     for text, cut in (("hello there " * 200, True), ("hello there", False)):
