@@ -27,7 +27,8 @@ class ExportOptions:
     # llama.cpp Q4_0's bytes, so 128 decodes at least as fast as Q4_0 (1.09x at 7B, in one process,
     # benchmarks/RESULTS.md section 6). Its reconstruction error is 9.5% (with quant.py's range search)
     # against 8.7% at 64 (5 bits packed, 0.96x Q4_0 in the host's slow state) and Q4_0's 8.6%; 256 is
-    # faster still and less exact.
+    # faster still and less exact. On trained weights (Qwen2.5-Coder-1.5B, benchmarks/RESULTS.md section 11)
+    # block 128's mean KL is 1.4x llama.cpp Q4_0's; block 64 with imatrix_text matches Q4_0's.
     block_size: int = 128
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 0 = fp32
     audio: bool = True  # export the audio encoder when the checkpoint has one
