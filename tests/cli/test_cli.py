@@ -289,12 +289,7 @@ def test_serve_runs_a_bundle_end_to_end(fp32_bundle):
             {"role": "user", "content": "More"}]}, timeout=60)
         assert r.status_code == 200, r.text
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        finally:
-            proc.kill()
-            proc.stderr.close()
+        stop_server(proc)
 
 
 RECEIPT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["shop", "total", "items"],
@@ -325,3 +320,13 @@ def test_infer_bad_json_schema_is_one_error_line(fp32_bundle, tmp_path, content,
     proc = minicpmo("infer", "--model", fp32_bundle, "--prompt", "x", "--json-schema", schema, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Ctrl-C the server, as a user would; kill it if it has not exited within 30 s."""
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(timeout=30)
+    finally:
+        server.kill()
+        server.stderr.close()

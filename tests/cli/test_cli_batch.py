@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
-from test_cli import minicpmo
+from test_cli import minicpmo, stop_server
 
 
 def test_infer_answers_several_prompts_together_as_each_alone(fp32_bundle, tmp_path):
@@ -44,12 +43,7 @@ def test_serve_parallel_logs_the_kv_memory_of_its_slots(fp32_bundle):
         kv = next(line for line in lines if "KV cache:" in line)
         assert "2 slots x 256 positions" in kv and "MiB" in kv
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        finally:
-            proc.kill()
-            proc.stderr.close()
+        stop_server(proc)
 
 
 def _batch_one_copy(bundle, out):
@@ -101,9 +95,4 @@ def test_a_bundle_without_a_batch_dimension_serves_one_at_a_time_or_says_why(fp3
             assert lines[-1] or server.poll() is None, "".join(lines)
         assert any("serving one request at a time" in line and "re-export" in line for line in lines)
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        finally:
-            server.kill()
-            server.stderr.close()
+        stop_server(server)
