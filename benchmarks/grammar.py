@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from minicpmo.runtime.bench import isa
+
 from .common import setup_logging
-from .quality import isa
 
 log = logging.getLogger("benchmarks")
 VOCAB = 151_700  # the decoder's logits width (config vocab_size)

@@ -23,9 +23,10 @@ from minicpmo.export import imatrix
 from minicpmo.export.checkpoint import open_checkpoint
 from minicpmo.export.hf_config import load_config
 from minicpmo.export.quant import dequantize_weight, quantize_weight
+from minicpmo.runtime.bench import isa
 from minicpmo.runtime.tokenizer import Tokenizer
 
-from .quality import calibration_text, isa
+from .quality import calibration_text
 
 
 def q4_0(w: np.ndarray) -> np.ndarray:

@@ -36,11 +36,35 @@ log = logging.getLogger("benchmarks")
 DOCUMENT = " ".join(
     f"Item {i}: the shipment of {i * 7 % 13 + 2} crates left the northern depot on day {i % 28 + 1} and "
     f"reached the harbour after {i % 5 + 2} days." for i in range(16))
-MESSAGES = [{"role": "user", "content": f"{DOCUMENT}\n\nList every item above, word for word."}]
+# a quote-and-modify request: trained weights copy most of the function back, which is where prompt
+# lookup's drafts come from (random weights do not, hence the scripted runs)
+FUNCTION = '''def wrap_paragraphs(text, width=72, indent=""):
+    """Wrap each paragraph of `text` to `width` columns, keeping blank lines between paragraphs."""
+    paragraphs = []
+    for block in text.split("\\n\\n"):
+        words = block.split()
+        if not words:
+            continue
+        lines, current = [], indent
+        for word in words:
+            if len(current) + len(word) + 1 > width and current.strip():
+                lines.append(current.rstrip())
+                current = indent
+            current += word + " "
+        if current.strip():
+            lines.append(current.rstrip())
+        paragraphs.append("\\n".join(lines))
+    return "\\n\\n".join(paragraphs)
+'''
+TASKS = {
+    "document": f"{DOCUMENT}\n\nList every item above, word for word.",
+    "edit": f"```python\n{FUNCTION}```\n\nRename the parameter `width` to `max_width` everywhere in this "
+            "function and add type hints. Reply with the whole function only.",
+}
 
 
-def _run(pipe, params) -> tuple[list[int], object]:
-    chunks = list(pipe.generate(MESSAGES, params))
+def _run(pipe, params, messages) -> tuple[list[int], object]:
+    chunks = list(pipe.generate(messages, params))
     return [t for c in chunks for t in c.token_ids], chunks[-1].usage
 
 
@@ -69,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--task", choices=sorted(TASKS), default="document",
+                   help="document: list a document's items word for word; edit: rename a parameter of a "
+                        "given function and reply with the whole function (for trained weights)")
     p.add_argument("--acceptance", default="1.0,0.8,0.6,0.4,0.0", help="draft acceptance rates of the scripted runs")
     a = p.parse_args(argv)
     setup_logging()
@@ -77,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     from minicpmo.runtime.types import GenerationParams
 
     pipe = Pipeline.load(a.bundle, provider="cpu", threads=a.threads, context_length=1024)
+    messages = [{"role": "user", "content": TASKS[a.task]}]
     plain = GenerationParams(max_tokens=a.decode_tokens, temperature=0.0)
-    _run(pipe, plain)  # fills the prompt's KV: every later run re-uses it (a warm prompt's last
-    reply, _ = _run(pipe, plain)  # position is not bit-identical to a cold one, so compare warm runs)
+    _run(pipe, plain, messages)  # fills the prompt's KV: every later run re-uses it (a warm prompt's last
+    reply, _ = _run(pipe, plain, messages)  # position is not bit-identical to a cold one, so compare warm runs)
     n_prompt = len(pipe.last_prompt_ids)
     real_draft = gen.lookup_draft
 
@@ -119,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 gen.lookup_draft = script.draft if script else real_draft
                 pipeline_mod.make_sampler = script.sampler if script else make_sampler
                 tokens, usage = _run(pipe, GenerationParams(max_tokens=a.decode_tokens, temperature=0.0,
-                                                            lookup=lookup))
+                                                            lookup=lookup), messages)
                 parted[name] = next((i for i, (x, y) in enumerate(zip(tokens, reply, strict=False)) if x != y),
                                     None if len(tokens) == len(reply) else min(len(tokens), len(reply)))
                 speed[name].append(usage.decode_tokens_per_s)
@@ -140,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| positions in one step | ms | × one position |\n|---|---|---|")
     for w, ms in cost.items():
         print(f"| {w} | {ms:.1f} | {ms / cost[1]:.2f} |")
-    print(json.dumps({"bundle": str(a.bundle), "lookup": a.lookup, "decode_tokens": a.decode_tokens,
+    print(f"\nreply ({a.task}, plain decoding):\n{pipe.tokenizer.decode(reply)}", file=sys.stderr)
+    print(json.dumps({"bundle": str(a.bundle), "task": a.task, "lookup": a.lookup, "decode_tokens": a.decode_tokens,
                       "speed": speed, "drafts": drafts, "parted": parted, "step_ms": cost}), file=sys.stderr)
     return 0
 

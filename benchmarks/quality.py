@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minicpmo.runtime.bench import isa
+
 from .common import Protocol, setup_logging
 
 log = logging.getLogger("benchmarks.quality")
@@ -328,15 +330,6 @@ def run(reference: Path, ours, ggufs, ortgenai, chunks_n: int, threads: int, cac
             result["engines"][name] = evaluate(engine, ref, chunks, name) | {"path": str(path)}
             del engine
     return result
-
-
-def isa() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0].split()
-    except (OSError, IndexError):
-        return "unknown"
-    shown = sorted(f for f in set(flags) if f.startswith("avx512") or f in ("avx_vnni", "avx2", "fma"))
-    return " ".join(shown) or "no AVX2"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,14 @@
-"""Concurrent streaming clients against `minicpmo serve --parallel` and llama-cpp-python's server.
+"""Concurrent streaming clients against `minicpmo serve --parallel` and llama.cpp's servers, in one run.
 
-    python -m benchmarks.serving BUNDLE [--gguf MODEL.gguf] [--clients 1,2,4,8] [--image-clients 1,4]
-                                 [--prompt-tokens 256] [--max-tokens 48] [--parallel 8] [--rounds 2]
+    python -m benchmarks.serving BUNDLE [--gguf MODEL.gguf [--llama-server BINARY]] [--clients 1,2,4,8]
+                                 [--image-clients 1,4] [--prompt-tokens 256] [--max-tokens 48]
+                                 [--parallel 8] [--rounds 2]
 
-Each server runs as a subprocess (2 threads). For each client count n, n real `openai` clients send
-one streaming greedy request each at the same moment; each prompt is ~`prompt-tokens` tokens of its
-own text (no shared prefix), optionally with cli/assets/demo.png (ours only: the GGUF has no vision
+Each server runs as a subprocess (2 threads), all of them started before the first request. Rounds go
+server by server and client count by client count, in alternating order, so a neighbour's load on a
+shared machine spreads over every row. For each client count n, n real `openai` clients send one
+streaming greedy request each at the same moment; each prompt is ~`prompt-tokens` tokens of its own
+text (no shared prefix), optionally with cli/assets/demo.png (ours only: the GGUF has no vision
 projector). Per run:
 - aggregate decode tok/s: the tokens streamed while all n streams were decoding at once (from the
   last stream's first token to the first stream's last) over that window: batched decoding itself,
@@ -14,8 +17,11 @@ projector). Per run:
 - TPOT: each stream's (last token - first token) / (tokens - 1), p50/p95 over the streams, and the
   p95 of the gaps between consecutive tokens (where another prompt's prefill chunk shows);
 - TTFT p50.
-llama-cpp-python's server decodes one request at a time (it has no n_parallel), the closest it comes
-to llama-server's --parallel.
+llama.cpp's peer: `--llama-server` runs llama.cpp's own `llama-server` binary (built from the
+llama.cpp sources that llama-cpp-python vendors: `cmake -S vendor/llama.cpp -B build
+-DLLAMA_BUILD_SERVER=ON && cmake --build build --target llama-server`) with `--parallel` slots of the
+same per-slot context as ours; without it, llama-cpp-python's server (`python -m llama_cpp.server`),
+which decodes one request at a time.
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import base64
 import json
 import logging
 import os
-import re
 import socket
 import statistics
 import subprocess
@@ -53,9 +58,10 @@ def free_port() -> int:
 
 
 def prompt_text(tokenizer, n_tokens: int, seed: int) -> str:
-    """Pseudo-random words cut to `n_tokens` tokens of the bundle's tokenizer (the GGUF has the same)."""
+    """An instruction that trained weights answer at length, then pseudo-random words, cut to
+    `n_tokens` tokens of the bundle's tokenizer (the GGUF has the same)."""
     words = np.random.default_rng(seed).choice(WORDS, n_tokens).tolist()
-    text = f"Request {seed}: " + " ".join(words)
+    text = f"Request {seed}. Write a long story that uses each of these words in turn: " + " ".join(words)
     ids = tokenizer.encode(text).ids[:n_tokens]
     return tokenizer.decode(ids)
 
@@ -161,21 +167,25 @@ def summarize(results: list, foreign_cores: float) -> dict:
             "other_processes_cores": round(foreign_cores, 2)}
 
 
-def measure(server: Server, counts: list[int], prompts: list[str], image: str | None, max_tokens: int,
+def measure(servers: list[tuple[Server, str | None, list[int]]], prompts: list[str], max_tokens: int,
             rounds: int) -> list:
-    """Each client count once per round, rounds in alternating order (a neighbour's load on a shared
-    machine spreads over all counts); per count, each figure's median over the rounds."""
-    runs: dict[int, list[dict]] = {n: [] for n in counts}
+    """Rows for each (server, image or None, client counts). Every round runs each server's counts,
+    servers and counts in alternating order; per row, each figure's median over the rounds."""
+    runs: dict[tuple[int, int], list[dict]] = {}
     k = 0
-    run_clients(server, [_content(prompts[k], image)], 4)  # warm-up (first-run allocations)
+    for server, image, _ in servers:
+        run_clients(server, [_content(prompts[k], image)], 4)  # warm-up (first-run allocations)
+        k += 1
+    plan = [(i, n) for i, (_, _, counts) in enumerate(servers) for n in counts]
     for r in range(rounds):
-        for n in counts if r % 2 == 0 else counts[::-1]:
-            contents = [_content(prompts[(k + 1 + i) % len(prompts)], image) for i in range(n)]
+        for i, n in plan if r % 2 == 0 else plan[::-1]:
+            server, image, _ = servers[i]
+            contents = [_content(prompts[(k + j) % len(prompts)], image) for j in range(n)]
             k += n
-            runs[n].append(run_clients(server, contents, max_tokens))
-            log.info("%s, %d clients, image %s: %s", server.name, n, image is not None, runs[n][-1])
-    return [{"server": server.name, "image": image is not None, "clients": n, "rounds": len(rs),
-             **{key: _median([x[key] for x in rs]) for key in rs[0]}} for n, rs in runs.items()]
+            runs.setdefault((i, n), []).append(run_clients(server, contents, max_tokens))
+            log.info("%s, %d clients, image %s: %s", server.name, n, image is not None, runs[i, n][-1])
+    return [{"server": servers[i][0].name, "image": servers[i][1] is not None, "clients": n, "rounds": len(rs),
+             **{key: _median([x[key] for x in rs]) for key in rs[0]}} for (i, n), rs in runs.items()]
 
 
 def _median(values: list):
@@ -202,7 +212,8 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n")[0])
     p.add_argument("bundle", type=Path)
-    p.add_argument("--gguf", type=Path, help="a GGUF of the same weights for llama-cpp-python's server")
+    p.add_argument("--gguf", type=Path, help="a GGUF of the same weights for llama.cpp's server")
+    p.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary (else llama-cpp-python's)")
     p.add_argument("--clients", default="1,2,4,8")
     p.add_argument("--image-clients", default="1,4", help="client counts for the requests with an image ('' none)")
     p.add_argument("--prompt-tokens", type=int, default=256)
@@ -222,30 +233,35 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(c) for c in a.clients.split(",")]
     image_counts = [int(c) for c in a.image_clients.split(",") if c]
     tokenizer = Tokenizer.from_file(str(a.bundle / "tokenizer.json"))
-    n_prompts = a.rounds * (sum(counts) + sum(image_counts)) + 2  # no prompt twice: no prefix reuse
+    n_servers = 2 if a.gguf else 1  # no prompt twice: no prefix reuse
+    n_prompts = a.rounds * (n_servers * sum(counts) + sum(image_counts)) + 3
     prompts = [prompt_text(tokenizer, a.prompt_tokens, seed) for seed in range(n_prompts)]
     image = "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
     context = a.prompt_tokens + a.max_tokens + 1024  # room for the image's tokens
-    rows = []
-    ours = Server([sys.executable, "-m", "minicpmo.cli.main", "serve", "--model", str(a.bundle), "--port",
-                   str(port := free_port()), "--parallel", str(a.parallel), "--threads", str(a.threads),
-                   "--context", str(context), "--max-queue", "64"], port, f"minicpmo --parallel {a.parallel}")
+    servers: list[Server] = []
     try:
-        rows += measure(ours, counts, prompts, None, a.max_tokens, a.rounds)
-        if image_counts:
-            rows += measure(ours, image_counts, prompts[::-1], image, a.max_tokens, a.rounds)
+        servers.append(Server([sys.executable, "-m", "minicpmo.cli.main", "serve", "--model", str(a.bundle),
+                               "--port", str(port := free_port()), "--parallel", str(a.parallel), "--threads",
+                               str(a.threads), "--context", str(context), "--max-queue", "64"],
+                              port, f"minicpmo --parallel {a.parallel}"))
+        plan = [(servers[0], None, counts)] + ([(servers[0], image, image_counts)] if image_counts else [])
+        if a.gguf and a.llama_server:
+            # -c is the context of all slots together: each slot gets ours' per-slot context
+            servers.append(Server([str(a.llama_server), "-m", str(a.gguf), "--port", str(port := free_port()),
+                                   "--parallel", str(a.parallel), "-c", str(context * a.parallel), "-t",
+                                   str(a.threads), "-tb", str(a.threads), "--no-webui"],
+                                  port, f"llama-server --parallel {a.parallel}"))
+            plan.append((servers[-1], None, counts))
+        elif a.gguf:
+            servers.append(Server([sys.executable, "-m", "llama_cpp.server", "--model", str(a.gguf), "--port",
+                                   str(port := free_port()), "--n_threads", str(a.threads), "--n_threads_batch",
+                                   str(a.threads), "--n_ctx", str(context)], port, "llama-cpp-python server"))
+            plan.append((servers[-1], None, counts))
+        rows = measure(plan, prompts, a.max_tokens, a.rounds)
     finally:
-        ours.close()
-    if a.gguf:
-        llama = Server([sys.executable, "-m", "llama_cpp.server", "--model", str(a.gguf), "--port",
-                        str(port := free_port()), "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads),
-                        "--n_ctx", str(context)], port, "llama-cpp-python server")
-        try:
-            rows += measure(llama, counts, prompts, None, a.max_tokens, a.rounds)
-        finally:
-            llama.close()
-    isa = sorted(set(re.findall(r"avx512[a-z_]*|avx_vnni", Path("/proc/cpuinfo").read_text())))
-    result = {"host": {**header(a.threads), "isa": isa}, "args": {k: str(v) for k, v in vars(a).items()},
+        for server in servers:
+            server.close()
+    result = {"host": header(a.threads), "args": {k: str(v) for k, v in vars(a).items()},
               "rows": rows}
     print(json.dumps(result, indent=1) if a.json else table(rows))
     return 0

@@ -49,8 +49,19 @@ def bundle_bytes(folder: Path) -> int:
 
 def header(threads: int | None) -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),
-            "processor": _cpu_name(), "python": platform.python_version(),
+            "processor": _cpu_name(), "isa": isa(), "python": platform.python_version(),
             "onnxruntime": ort.__version__, "numpy": np.__version__, "threads": threads}
+
+
+def isa() -> str:
+    """The x86 vector extensions that pick ONNX Runtime's and llama.cpp's kernels (AVX-512 and
+    VNNI flavours, AVX2, FMA): every speed figure depends on them."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return "unknown"
+    shown = sorted(f for f in set(flags) if f.startswith("avx512") or f in ("avx_vnni", "avx2", "fma"))
+    return " ".join(shown) or "no AVX2"
 
 
 def _cpu_name() -> str:
