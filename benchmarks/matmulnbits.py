@@ -6,7 +6,7 @@ with `--rows`, what M rows (a batched decode step's sequences) cost against one.
 
 Variants: block size 32/128, asymmetric (uint4 + zero points, what our exporter writes) or
 symmetric (no zero points, what onnxruntime-genai's builder and llama.cpp's Q4_0 write), int4/int8.
-`--rows`: the exporter's variant (int4, zero points, accuracy level 4) as a chain of copies of the
+`--rows`: the exporter's variant (zero points, accuracy level 4; `--bits 4|8`) as a chain of copies of the
 weight totalling >= 256 MB, so each run reads them from memory as a model's decode step does (one
 node's weight would stay in the last-level cache and time the arithmetic alone).
 """
@@ -48,7 +48,10 @@ def session(k: int, n: int, bits: int, block: int, symmetric: bool, threads: int
     packed, scales, zp = quantize(w, bits, block, symmetric)
     inits, nodes = [], []
     for c in range(copies):
-        inits += [numpy_helper.from_array(packed, f"B{c}"), numpy_helper.from_array(scales, f"S{c}")]
+        # each copy's bytes differ (rotated codes): ONNX Runtime shares identical initializers, and
+        # one shared weight would be read from the cache
+        codes = np.roll(packed, c, axis=0) if c else packed
+        inits += [numpy_helper.from_array(codes, f"B{c}"), numpy_helper.from_array(scales, f"S{c}")]
         inputs = ["A", f"B{c}", f"S{c}"]
         if zp is not None:
             inits.append(numpy_helper.from_array(zp, f"Z{c}"))
@@ -83,11 +86,11 @@ def measure(k: int, n: int, bits: int, block: int, symmetric: bool, threads: int
             "median_us": round(t * 1e6, 1), "gb_per_s": round(nbytes / t / 1e9, 1)}
 
 
-def row_scaling(k: int, n: int, block: int, rows: list[int], threads: int, runs: int) -> list[dict]:
+def row_scaling(k: int, n: int, bits: int, block: int, rows: list[int], threads: int, runs: int) -> list[dict]:
     """Median time of M rows through >= 256 MB of weight copies, for each M, in alternating rounds."""
-    one = k * n // 2 + (k // block) * n * 5
+    one = k * n * bits // 8 + (k // block) * n * 5
     copies = max(1, -(-256_000_000 // one))
-    sess, nbytes = session(k, n, 4, block, False, threads, copies=copies)
+    sess, nbytes = session(k, n, bits, block, False, threads, copies=copies)
     inputs = {m: {"A": np.random.default_rng(m).standard_normal((m, k), dtype=np.float32)} for m in rows}
     times: dict[int, list[float]] = {m: [] for m in rows}
     for m in rows:
@@ -98,7 +101,7 @@ def row_scaling(k: int, n: int, block: int, rows: list[int], threads: int, runs:
             sess.run(None, inputs[m])
             times[m].append(time.perf_counter() - t0)
     base = statistics.median(times[rows[0]])
-    return [{"K": k, "N": n, "block": block, "copies": copies, "weight_bytes": nbytes, "rows": m,
+    return [{"K": k, "N": n, "bits": bits, "block": block, "copies": copies, "weight_bytes": nbytes, "rows": m,
              "median_ms": round(statistics.median(times[m]) * 1e3, 2),
              "x_first": round(statistics.median(times[m]) / base, 2)} for m in rows]
 
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", action="append", help="KxN (repeatable) [the Qwen2.5-1.5B shapes]")
     p.add_argument("--rows", help="comma list of row counts M: time M rows against the first (batched decode)")
     p.add_argument("--block", type=int, default=128, help="with --rows: the block size")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=4, help="with --rows: the weight bits")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shape] if a.shape else SHAPES_1_5B
@@ -122,14 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for k, n in shapes:
             wait_for_quiet("matmulnbits")
-            rows += row_scaling(k, n, a.block, counts, a.threads, max(5, a.runs // 5))
+            rows += row_scaling(k, n, a.bits, a.block, counts, a.threads, max(5, a.runs // 5))
             print(json.dumps(rows[-len(counts):]), file=sys.stderr)
         if a.json:
             print(json.dumps({"host": header(a.threads), "rows": rows}, indent=2))
             return 0
-        print("| K x N | block | weight copies (MB) | rows M | median ms | × M = 1 |\n|---|---|---|---|---|---|")
+        print("| K x N | bits | block | weight copies (MB) | rows M | median ms | × M = 1 |\n|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['K']}x{r['N']} | {r['block']} | {r['copies']} ({r['weight_bytes'] / 1e6:.0f}) | "
+            print(f"| {r['K']}x{r['N']} | {r['bits']} | {r['block']} | {r['copies']} ({r['weight_bytes'] / 1e6:.0f}) | "
                   f"{r['rows']} | {r['median_ms']} | {r['x_first']} |")
         return 0
 
