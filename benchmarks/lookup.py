@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from minicpmo.runtime import generate as gen
     from minicpmo.runtime.pipeline import Pipeline
+    from minicpmo.runtime.sampler import Sampler
     from minicpmo.runtime.types import GenerationParams
 
     pipe = Pipeline.load(a.bundle, provider="cpu", threads=a.threads, context_length=1024)
@@ -124,13 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             wrong = self.rng.random(len(d)) >= self.rate
             return np.where(wrong, (d + 1) % pipe.decoder.vocab_size, d)
 
-        def sampler(self, params):
-            real = make_sampler(params)
+        def sampler(self, params, constraint=None):
+            real = make_sampler(params, constraint=constraint)
+            real.__class__ = ScriptedSampler  # the real one's state and work, the script's choice
+            return real
 
-            def sample(logits, history, n):
-                real(logits, history, n)
-                return reply[len(history) - n]
-            return sample
+    class ScriptedSampler(Sampler):
+        def __call__(self, logits, history, n_prompt):
+            super().__call__(logits, history, n_prompt)
+            return reply[len(history) - n_prompt]
 
     import minicpmo.runtime.pipeline as pipeline_mod
     make_sampler = pipeline_mod.make_sampler
