@@ -11,7 +11,10 @@ step, so the others keep decoding meanwhile. Each slot is a row of the batched K
 (batch_decoder.py) and keeps what it last held: a request goes to the free slot whose cache shares
 the longest prefix with its prompt (a user's next turn finds its conversation warm), else to the
 least recently used one. Each request has its own sampler (seed), stop strings and stop ids.
-Prompt lookup (`lookup`) is not used here: every slot feeds one token per step.
+Prompt lookup (`lookup`) runs while a request is alone in the scheduler: its step then verifies a
+draft through the slot's one-sequence decoder, as the pipeline's own loop does (runtime/generate.py);
+once another request is in a slot, every slot feeds one token per step again. The draft's positions
+live in the slot's cache, so nothing moves when the batch forms.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .generate import DraftLength, lookup_draft
 from .stopping import StopMatcher
 from .tokenizer import StreamingDetokenizer
 from .types import GenerationChunk, GenerationParams, Message, Usage
@@ -75,6 +79,7 @@ class _Reply:
     first_token_at: float = 0.0
     order: int = 0  # admission order: the oldest prompt is prefilled first
     token_logprobs: Callable | None = None  # Pipeline.token_logprobs of this reply's sampler
+    draft_length: DraftLength | None = None  # with params.lookup > 0
 
     @property
     def prefilling(self) -> bool:
@@ -153,7 +158,9 @@ class Scheduler:
         if prefilling:
             self._prefill(min(prefilling, key=lambda r: r.order),
                           self.prefill_chunk if decoding else SOLO_PREFILL_CHUNK)
-        if decoding:
+        if len(decoding) == 1 and self.running == 1 and decoding[0].draft_length is not None:
+            self._decode_with_lookup(decoding[0])
+        elif decoding:
             self._decode(decoding)
 
     def cancel_all(self) -> None:
@@ -200,7 +207,8 @@ class Scheduler:
                       p.stop_ids | set(params.stop_token_ids), sampler, stops,
                       StreamingDetokenizer(p.tokenizer, skip_special_ids=p.hidden_ids), reuse,
                       history=[int(t) for t in ids], order=self._clock,
-                      token_logprobs=lambda: p.token_logprobs(sampler))
+                      token_logprobs=lambda: p.token_logprobs(sampler),
+                      draft_length=DraftLength(params.lookup) if params.lookup and self.batch.multi_logits else None)
 
     def _prefill(self, reply: _Reply, chunk: int) -> None:
         t0 = time.perf_counter()
@@ -218,6 +226,34 @@ class Scheduler:
         for r in decoding:
             if r.take(out[r.slot]):
                 self._release(r)
+
+    def _decode_with_lookup(self, r: _Reply) -> None:
+        """One step for the only request in the scheduler: its next token and a prompt-lookup draft
+        through the slot's one-sequence decoder; the rows are sampled in turn while the draft holds
+        (generate_tokens' loop, one step of it)."""
+        kv = self.batch.caches.slots[r.slot]
+        room = min(r.draft_length(), r.max_tokens - r.produced - 1, kv.max_length - kv.length - 1)
+        draft = [int(t) for t in lookup_draft(np.asarray(r.history, dtype=np.int64), room)] if room > 0 else []
+        if draft:
+            draft = draft[:r.sampler.draft_allowed(draft)]
+        if not draft:
+            r.draft_length.update(0, 0)
+            self._decode([r])
+            return
+        fed = [r.next_token] + draft
+        r.usage.draft_tokens += len(draft)
+        rows = self.batch.decoders[r.slot].forward_all(self.pipeline.embed(np.array(fed)), fed)
+        for j, row in enumerate(rows):
+            ended = r.take(row)
+            if not ended and j < len(draft) and r.next_token == draft[j]:
+                r.usage.accepted_draft_tokens += 1
+                continue  # the next row was computed after this very token: it stays valid
+            kv.truncate(kv.length - (len(draft) - j))  # the cache holds draft[j:], which did not happen
+            if ended:
+                self._release(r)
+                return
+            break
+        r.draft_length.update(len(draft), j)
 
     def _release(self, reply: _Reply) -> None:
         self.replies[reply.slot] = None

@@ -202,3 +202,58 @@ def test_int8_activations_quantize_each_row_alone(int4_bundle):
         # summation order moves logits by ~1e-7 of their scale; rows quantized with a scale shared across the
         # batch (int8 steps of 1/127 of the batch's largest activation) would move them by orders more
         np.testing.assert_allclose(got[i], w, rtol=0, atol=1e-4 * float(np.abs(w).max()))
+
+
+def _scripted_drafts(monkeypatch, reply: list[int], n_prompt: int, wrong_at: int | None):
+    """lookup_draft replaced by the reply's own next tokens (the one at `wrong_at` of each draft
+    changed): what the verify step keeps must then follow from the draft alone."""
+    calls = []
+
+    def draft(history, max_tokens, ngrams=None):
+        done = len(history) - n_prompt
+        d = list(reply[done:done + max_tokens])
+        if wrong_at is not None and wrong_at < len(d):
+            d[wrong_at] = (d[wrong_at] + 1) % 1000
+        calls.append(len(d))
+        return np.array(d, dtype=np.int64)
+
+    monkeypatch.setattr(sched, "lookup_draft", draft)
+    return calls
+
+
+def _usage(chunks):
+    return next(c.usage for _, c in reversed(chunks) if c.usage is not None)
+
+
+@pytest.mark.parametrize("wrong_at", [None, 1])
+def test_a_request_alone_verifies_lookup_drafts_and_its_reply_is_unchanged(single, batched, monkeypatch, wrong_at):
+    plain = GenerationParams(max_tokens=20, cache_prompt=False)
+    want, _, _ = alone(single, chat(PROMPTS[0]), plain)
+    calls = _scripted_drafts(monkeypatch, want, len(single.last_prompt_ids), wrong_at)
+    chunks = list(batched.generate_batch([chat(PROMPTS[0])], replace(plain, lookup=4)))
+    assert [t for _, c in chunks for t in c.token_ids] == want
+    usage = _usage(chunks)
+    assert calls and usage.draft_tokens == sum(calls)
+    if wrong_at is None:  # every draft token is the reply's: all kept, several tokens per step
+        assert usage.accepted_draft_tokens == usage.draft_tokens > 0
+        assert len(calls) < len(want) - 1
+    else:  # each draft is kept up to its wrong token
+        assert 0 < usage.accepted_draft_tokens < usage.draft_tokens
+    slot = next(kv for kv in batched.batch.caches.slots if kv.length)
+    assert slot.length == len(single.last_prompt_ids) + len(want) - 1  # no rejected draft left behind
+
+
+def test_lookup_pauses_while_another_request_shares_the_batch(single, batched, monkeypatch):
+    long, short = GenerationParams(max_tokens=24, cache_prompt=False), GenerationParams(max_tokens=4, cache_prompt=False)
+    want_short, _, _ = alone(single, chat(PROMPTS[2]), short)
+    want_long, _, _ = alone(single, chat(PROMPTS[3]), long)  # last: last_prompt_ids are its
+    calls = _scripted_drafts(monkeypatch, want_long, len(single.last_prompt_ids), wrong_at=None)
+    out = {0: [], 1: []}
+    chunks = list(batched.generate_batch([chat(PROMPTS[3]), chat(PROMPTS[2])],
+                                         [replace(long, lookup=4), replace(short, lookup=4)]))
+    for i, c in chunks:
+        out[i] += c.token_ids
+    assert out == {0: want_long, 1: want_short}
+    # drafts only once the short request has left: while both decoded, one token per step each
+    assert 0 < len(calls) and _usage([x for x in chunks if x[0] == 0]).draft_tokens == sum(calls)
+    assert _usage([x for x in chunks if x[0] == 1]).draft_tokens == 0
