@@ -275,7 +275,7 @@ def export_row(checkpoint: Path, work: Path, row: str) -> Path:
             text.write_text(calibration_text(), encoding="utf-8")
             opts[key] = str(text)
     t0 = time.perf_counter()
-    export_bundle(checkpoint, out, ExportOptions(audio=False, **opts), overwrite=True,
+    export_bundle(checkpoint, out, ExportOptions(audio=False, tts=False, **opts), overwrite=True,
                   progress=lambda stage, i, n, *unit: log.debug("%s %s %d/%d", row, stage, i, n))
     log.info("exported %s in %.0f s", row, time.perf_counter() - t0)
     return out

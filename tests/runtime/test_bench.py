@@ -7,7 +7,7 @@ import json
 
 from minicpmo.runtime.bench import TTFT_PROMPT_ROOM, run_bench
 
-KEYS = {"date", "machine", "processor", "python", "onnxruntime", "numpy", "threads", "load_seconds", "provider",
+KEYS = {"date", "machine", "processor", "isa", "python", "onnxruntime", "numpy", "threads", "load_seconds", "provider",
         "cuda_graph", "vision_seconds_first_slice", "vision_seconds_per_448_slice", "vision_seconds_9_slice_image",
         "vision_slices_9_slice_image", "time_to_first_token_seconds", "prefill_tokens_per_s",
         "decode_tokens_per_s", "peak_rss_bytes", "bundle_bytes", "kv_cache_bytes"}
