@@ -43,7 +43,8 @@ def bundles(graft, tmp_path_factory):
     from minicpmo.export.options import ExportOptions
 
     out = {}
-    for name, opts in (("fp32", ExportOptions(precision="fp32", audio=False)), ("default", ExportOptions(audio=False))):
+    for name, opts in (("fp32", ExportOptions(precision="fp32", audio=False, tts=False)),
+                       ("default", ExportOptions(audio=False, tts=False))):
         out[name] = export_bundle(graft, tmp_path_factory.mktemp("real") / name, opts, progress=lambda *a: None)
     return out
 
