@@ -17,14 +17,20 @@ paragraph), which is what a real deployment should calibrate on.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+log = logging.getLogger(__name__)
 MARGIN = 1.25
 MAX_REPLY_TOKENS = 24
+# A calibration file's paragraphs, at most: each is a prompt and a short reply (~1 s at 1.5B, ~5 s at
+# 7B on 2 cores), and the scales are maxima, which a few dozen varied prompts already reach; a long
+# file (a book, a source tree) is sampled evenly rather than read to the end.
+MAX_CALIBRATION_PARAGRAPHS = 64
 BUILTIN_TEXT = (
     "The river that runs past the old mill has flooded twice this spring. Farmers downstream moved "
     "their cattle to higher ground, and the town council met on Tuesday to discuss a new levee. "
@@ -55,6 +61,11 @@ def calibration_conversations(text_file: str | Path | None, audio: bool) -> list
         paragraphs = [p.strip() for p in Path(text_file).read_text(encoding="utf-8").split("\n\n") if p.strip()]
         if not paragraphs:
             raise ValueError(f"{text_file}: no text to calibrate on")
+        if len(paragraphs) > MAX_CALIBRATION_PARAGRAPHS:
+            picks = np.linspace(0, len(paragraphs) - 1, MAX_CALIBRATION_PARAGRAPHS).round().astype(int)
+            log.info("KV calibration: %d of the %d paragraphs of %s, spread over the file",
+                     MAX_CALIBRATION_PARAGRAPHS, len(paragraphs), text_file)
+            paragraphs = [paragraphs[i] for i in picks]
         convs += [[{"role": "user", "content": p}] for p in paragraphs]
     return convs
 

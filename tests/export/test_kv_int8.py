@@ -107,6 +107,18 @@ def test_calibration_text_is_added(tmp_path_factory, tiny_checkpoint, tmp_path):
     assert not bad.exists() or not any(bad.iterdir())
 
 
+def test_a_long_calibration_file_is_sampled_evenly(tmp_path):
+    from minicpmo.export.kv_calibration import MAX_CALIBRATION_PARAGRAPHS, calibration_conversations
+
+    text = tmp_path / "book.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} of the book." for i in range(1000)))
+    convs = calibration_conversations(text, audio=False)
+    taken = [c[0]["content"] for c in convs[len(BUILTIN_TEXT) + 1:]]
+    assert len(taken) == MAX_CALIBRATION_PARAGRAPHS
+    assert taken[0] == "Paragraph 0 of the book." and taken[-1] == "Paragraph 999 of the book."
+    assert len(set(taken)) == len(taken)
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"kv_cache": "int8", "decoder_dtype": "fp16"}, "fp32 decoder"),
     ({"kv_cache": "int4"}, "kv cache must be one of"),
