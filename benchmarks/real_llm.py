@@ -37,8 +37,16 @@ import numpy as np
 from minicpmo.export.checkpoint import expected_tensors
 from minicpmo.export.hf_config import parse_config
 from minicpmo.export.staging import staged_folder
-from minicpmo.export.synth import REAL_VOCAB, random_bf16, synthetic_config, tts_tensors, upstream_metadata
+from minicpmo.export.synth import (
+    REAL_VOCAB,
+    random_bf16,
+    speech_sizes,
+    synthetic_config,
+    tts_tensors,
+    upstream_metadata,
+)
 from minicpmo.export.synth_tokenizer import build_tokenizer
+from minicpmo.export.tts_config import parse_tts_config
 
 log = logging.getLogger("benchmarks.real_llm")
 DEFAULT_CACHE = Path.home() / ".cache" / "minicpmo-onnx" / "real-llm"
@@ -170,7 +178,9 @@ def checkpoint_config(dims: dict) -> dict:
 def planned(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     parsed = parse_config(cfg)
     tensors = expected_tensors(parsed, ("decoder", "vision", "resampler", "audio"))
-    return list((tensors | tts_tensors("small", parsed.decoder.hidden_size)).items())
+    # synthetic speech weights in upstream names (the graft carries no vocoder: export it with --no-tts)
+    speech = tts_tensors(parse_tts_config(cfg["tts_config"]), speech_sizes("small")[0])
+    return list((tensors | speech).items())
 
 
 def graft(model: str, cache: Path, seed: int = 0) -> Path:
