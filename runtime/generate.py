@@ -263,6 +263,16 @@ def prefill_prompt(decoder: Decoder, prompt_embeds: np.ndarray, prompt_keys: Seq
     return logits
 
 
+def next_draft(history: Sequence[int], room: int,
+               draft_allowed: Callable[[list[int]], int] | None = None) -> list[int]:
+    """Prompt lookup's draft for the next step: at most `room` tokens, cut to what `draft_allowed`
+    (a grammar's verdict) allows; empty when there is no room or nothing matches."""
+    draft = [int(t) for t in lookup_draft(np.asarray(history, dtype=np.int64), room)] if room > 0 else []
+    if draft and draft_allowed is not None:
+        draft = draft[:draft_allowed(draft)]
+    return draft
+
+
 def generate_tokens(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
                     prompt_embeds: np.ndarray, prompt_keys: Sequence[Hashable], prompt_ids: np.ndarray,
                     sample: Callable[[np.ndarray, np.ndarray, int], int], max_tokens: int,
@@ -304,9 +314,7 @@ def generate_tokens(decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
         # Room: the cache keeps one position free for the token after this step, and the draft never
         # runs past max_tokens.
         room = min(draft_len(), max_tokens - produced - 1, kv.max_length - kv.length - 1)
-        draft = [int(t) for t in lookup_draft(np.asarray(history), room)] if room > 0 else []
-        if draft and draft_allowed is not None:
-            draft = draft[:draft_allowed(draft)]
+        draft = next_draft(history, room, draft_allowed)
         fed = [token] + draft
         stats.draft_tokens += len(draft)
         if draft:

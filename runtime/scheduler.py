@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .generate import DraftLength, lookup_draft
+from .generate import DraftLength, next_draft
 from .stopping import StopMatcher
 from .tokenizer import StreamingDetokenizer
 from .types import GenerationChunk, GenerationParams, Message, Usage
@@ -233,9 +233,7 @@ class Scheduler:
         (generate_tokens' loop, one step of it)."""
         kv = self.batch.caches.slots[r.slot]
         room = min(r.draft_length(), r.max_tokens - r.produced - 1, kv.max_length - kv.length - 1)
-        draft = [int(t) for t in lookup_draft(np.asarray(r.history, dtype=np.int64), room)] if room > 0 else []
-        if draft:
-            draft = draft[:r.sampler.draft_allowed(draft)]
+        draft = next_draft(r.history, room, r.sampler.draft_allowed)
         if not draft:
             r.draft_length.update(0, 0)
             self._decode([r])

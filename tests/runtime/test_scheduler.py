@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from minicpmo.runtime import generate
 from minicpmo.runtime import scheduler as sched
 from minicpmo.runtime.errors import InputError
 from minicpmo.runtime.pipeline import Pipeline
@@ -217,7 +218,7 @@ def _scripted_drafts(monkeypatch, reply: list[int], n_prompt: int, wrong_at: int
         calls.append(len(d))
         return np.array(d, dtype=np.int64)
 
-    monkeypatch.setattr(sched, "lookup_draft", draft)
+    monkeypatch.setattr(generate, "lookup_draft", draft)
     return calls
 
 
